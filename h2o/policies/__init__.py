@@ -1,0 +1,16 @@
+"""Eviction policies by name. Adding one: a module with a `Policy` subclass and a line below."""
+
+from h2o.policies.base import Budget, Policy, Selection
+from h2o.policies.h2o import H2O
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O,)}
+
+
+def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: object) -> Policy:
+    """Build a registered policy; unknown names fail with the list of known ones."""
+    if name not in POLICIES:
+        raise ValueError(f"--policy: unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](heavy_ratio, recent_ratio, **options)
+
+
+__all__ = ["Budget", "POLICIES", "Policy", "Selection", "make_policy"]

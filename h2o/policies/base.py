@@ -1,0 +1,111 @@
+"""The shared shape of every eviction policy: a per-slot score, a recent window and a top-k.
+
+A policy decides *which* cached tokens stay; it never touches keys or values. It sees per-slot
+tensors shaped (batch, kv_heads, slots) and per-sequence budgets shaped (batch,), so the same
+code serves mask mode (slots in position order, evicted ones still present) and drop mode
+(only retained slots present, in any order).
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Tokens one sequence may keep per KV head: `heavy` chosen by score, `recent` by position."""
+
+    heavy: int
+    recent: int
+
+    @property
+    def total(self) -> int:
+        return self.heavy + self.recent
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the next step sees. `active`: slots the next query attends to. `retained`: slots that
+    must stay in memory, a superset of `active` (a token may sit out one step and come back)."""
+
+    active: torch.Tensor
+    retained: torch.Tensor
+
+
+class Policy(ABC):
+    """Base class: the paper's recent-window + heavy-hitter selection over a policy's own score.
+
+    Subclasses override `accumulate` (how attention turns into a running score) and/or `rank`
+    (what the top-k sorts on). Budgets are fixed from the prompt length, as in the paper.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, heavy_ratio: float, recent_ratio: float) -> None:
+        for flag, value in (("--heavy_ratio", heavy_ratio), ("--recent_ratio", recent_ratio)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{flag} must lie in [0, 1], got {value}")
+        if heavy_ratio + recent_ratio > 1.0:
+            raise ValueError(
+                f"--heavy_ratio + --recent_ratio must be at most 1, got {heavy_ratio + recent_ratio}"
+            )
+        self.heavy_ratio = heavy_ratio
+        self.recent_ratio = recent_ratio
+
+    def budget(self, prompt_len: int) -> Budget:
+        # int() truncation as in the paper. The recent window always holds at least the newest
+        # token: with 0 the paper's code masks the newest token from itself, which no model expects.
+        return Budget(
+            heavy=int(self.heavy_ratio * prompt_len),
+            recent=max(1, int(self.recent_ratio * prompt_len)),
+        )
+
+    def accumulate(self, scores: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Running score after one forward pass. `attention`: the attention each slot received in
+        it, summed over the query rows and the query heads that share the KV head."""
+        return scores + attention
+
+    def rank(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What the heavy top-k sorts on (higher is kept)."""
+        return scores
+
+    def select(
+        self,
+        scores: torch.Tensor,
+        positions: torch.Tensor,
+        n_tokens: torch.Tensor,
+        heavy: torch.Tensor,
+        recent: torch.Tensor,
+    ) -> Selection:
+        """Choose the slots for the next step, after `n_tokens` tokens of each sequence were seen.
+
+        positions: (B, H, S) absolute position of each slot's token, -1 for an empty slot.
+        n_tokens, heavy, recent: (B,). The next token joins the recent window, so the window keeps
+        the last `recent - 1` seen tokens. The token just leaving the window is not attended next
+        step but stays a heavy-hitter candidate: this is the paper's code, column for column.
+        """
+        t = n_tokens.view(-1, 1, 1)
+        h = heavy.view(-1, 1, 1)
+        r = recent.view(-1, 1, 1)
+        present = positions >= 0
+        over_budget = t > h + r
+
+        window = present & (positions >= t + 1 - r)
+        leaving = present & (positions == t - r) & (h > 0)
+        candidate = present & (positions < t - r)
+
+        chosen = torch.zeros_like(present)
+        k = min(int(heavy.max()), positions.shape[-1])
+        if k > 0:
+            ranked = self.rank(scores, positions).masked_fill(~candidate, float("-inf"))
+            top_values, top_slots = ranked.topk(k, dim=-1)
+            wanted = torch.arange(k, device=positions.device).view(1, 1, -1) < h
+            chosen.scatter_(-1, top_slots, wanted & (top_values > float("-inf")))
+
+        active = torch.where(over_budget, window | chosen, present)
+        retained = torch.where(over_budget, active | leaving, present)
+        return Selection(active=active, retained=retained)
