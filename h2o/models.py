@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 DEFAULT_MODEL = "smollm2"
 # Architectures whose attention goes through transformers' AttentionInterface and a standard Cache.
@@ -51,17 +58,10 @@ def _sources(name: str) -> tuple[str, dict]:
     return name, {"local_files_only": True}
 
 
-def load(
-    name: str = DEFAULT_MODEL,
-    arch: str = "llama",
-    device: str = "cpu",
-    dtype: str = "float32",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer; errors name the flag at fault."""
+def load_tokenizer(name: str = DEFAULT_MODEL, arch: str = "llama") -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
+    """The tokenizer and config, checked against `arch`: cheap, so bad input fails before the weights load."""
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"--model_arch: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     where, kwargs = _sources(name)
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
@@ -76,6 +76,13 @@ def load(
         raise ValueError(
             f"--model_arch {arch} does not match the model's architecture {config.model_type!r} ({name or DEFAULT_MODEL})"
         )
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    return AutoTokenizer.from_pretrained(where, **kwargs), config
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
+    """The weights, in eval mode on `device`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    where, kwargs = _sources(name)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()

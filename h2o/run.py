@@ -96,19 +96,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if done:
             log.info("resuming: %d of %d requests already in %s", done, len(requests), args.output_path)
+        device = _device(args)
+        tokenizer, config = models.load_tokenizer(args.model_name, args.model_arch)
+        encoded = encode_all(args, tokenizer, config, requests[done:])
         torch.manual_seed(args.seed)
-        model, tokenizer = models.load(args.model_name, args.model_arch, _device(args),
-                                       "float16" if args.fp16 else args.dtype)
-        run(args, model, tokenizer, requests[done:], policy)
+        model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype)
+        run(args, model, tokenizer, encoded, policy)
     except (ValueError, FileNotFoundError) as error:
         print(f"run_helm.py: error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
-def run(args, model, tokenizer, requests: list[helm_io.Request], policy) -> None:
-    eviction = Eviction(policy, args.kv_mode, args.attention) if policy is not None else None
-    context = getattr(model.config, "max_position_embeddings", None)
+def encode_all(args, tokenizer, config, requests: list[helm_io.Request]) -> list[tuple]:
+    """(request, token ids, templated) for each request; a prompt too long for the model is refused."""
+    context = getattr(config, "max_position_embeddings", None)
     encoded = []
     for request in requests:
         ids, templated = encode(tokenizer, request.prompt, args.chat_template)
@@ -118,6 +120,11 @@ def run(args, model, tokenizer, requests: list[helm_io.Request], policy) -> None
                 f"{request.max_tokens} exceeds the model's context of {context}"
             )
         encoded.append((request, ids, templated))
+    return encoded
+
+
+def run(args, model, tokenizer, encoded: list[tuple], policy) -> None:
+    eviction = Eviction(policy, args.kv_mode, args.attention) if policy is not None else None
 
     generated, started = 0, time.perf_counter()
     with helm_io.open_results(args.output_path) as out, tqdm(total=len(encoded), unit="req") as bar:
