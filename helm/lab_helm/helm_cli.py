@@ -1,0 +1,53 @@
+"""Running helm-run from Python: the executable, the environment, the run directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from lab_helm.paths import HELM_DIR, PROD_ENV
+
+
+def executable(name: str) -> str:
+    """A HELM command (helm-run, helm-summarize): next to this Python first, then on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH")
+    return found
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """The current environment with helm/ on PYTHONPATH, so HELM can import lab_helm."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HELM_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(extra)
+    return env
+
+
+def run_args(entry: str, suite: str, n: int, output_path: str | Path, dry_run: bool = False) -> list[str]:
+    """helm-run's arguments, the same for the export and the evaluation (less --dry-run)."""
+    args = [
+        executable("helm-run"),
+        "--run-entries", entry,
+        "--suite", suite,
+        "--max-eval-instances", str(n),
+        "--num-threads", "1",
+        "--disable-cache",
+        "--exit-on-error",
+        "--local-path", str(PROD_ENV),
+        "--output-path", str(output_path),
+    ]
+    return args + (["--dry-run"] if dry_run else [])
+
+
+def run_dir(output_path: str | Path, suite: str) -> Path:
+    """The one run directory of a suite (our suites hold one run entry each)."""
+    runs = [p for p in (Path(output_path) / "runs" / suite).iterdir() if (p / "run_spec.json").exists()]
+    if len(runs) != 1:
+        raise FileNotFoundError(f"expected one run in {Path(output_path) / 'runs' / suite}, found {len(runs)}")
+    return runs[0]

@@ -1,0 +1,95 @@
+"""One table for several evaluated suites: ROUGE from HELM, KV cache and speed from run_helm.py.
+
+    python -m lab_helm.table [--output-path helm/benchmark_output] SUITE[=LABEL] ...
+
+For each suite (an our_run.sh output_name): rouge_1/2/L are the means in HELM's stats.json;
+"KV budget" is the cache policy's share of the prompt (heavy hitters + recent window); "KV MiB"
+is the mean peak KV-cache size per request; tok/s is generated tokens over generation time (as
+run_helm.py timed its batches, prefill included). The mode is LABEL, or else guessed from the
+KV-cache fields: full, local (no heavy hitters) or the policy's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lab_helm import helm_cli
+from lab_helm.evaluate import stat_means
+from lab_helm.paths import BENCHMARK_OUTPUT
+
+COLUMNS = ("mode", "KV budget", "rouge_1", "rouge_2", "rouge_l", "KV MiB", "tok/s", "n")
+
+
+def _mode(kv: dict) -> str:
+    policy = kv.get("policy")
+    if policy in (None, "full"):
+        return "full"
+    if kv.get("heavy_ratio") == 0:
+        return "local"
+    return str(policy)
+
+
+def _budget(kv: dict) -> str:
+    heavy, recent = kv.get("heavy_ratio"), kv.get("recent_ratio")
+    if kv.get("policy") in (None, "full"):
+        return "100%"
+    if heavy is None or recent is None:
+        return "?"
+    return f"{heavy + recent:.0%} ({heavy:.0%}+{recent:.0%})"
+
+
+def _number(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def row(output_path: Path, suite: str, label: str | None) -> list[str]:
+    summary_path = output_path / "runs" / suite / "generation.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{summary_path} not found: evaluate with ./our_run.sh ... {suite} first")
+    summary = json.loads(summary_path.read_text())
+    means = stat_means(helm_cli.run_dir(output_path, suite) / "stats.json")
+    kv = summary.get("kv_cache") or {}
+    peak = kv.get("mean_kv_bytes_peak")
+    return [
+        label or _mode(kv),
+        _budget(kv),
+        _number(means.get("rouge_1"), ".4f"),
+        _number(means.get("rouge_2"), ".4f"),
+        _number(means.get("rouge_l"), ".4f"),
+        _number(peak / 2**20 if peak is not None else None, ".2f"),
+        _number(summary.get("tokens_per_second"), ".1f"),
+        str(summary.get("requests", "-")),
+    ]
+
+
+def render(rows: list[list[str]]) -> str:
+    table = [list(COLUMNS)] + rows
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+             for r in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 1) + (":" if i >= 2 else "-") for i, w in enumerate(widths)) + "|")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-path", type=Path, default=BENCHMARK_OUTPUT)
+    p.add_argument("suites", nargs="+", metavar="SUITE[=LABEL]")
+    args = p.parse_args(argv)
+    try:
+        rows = []
+        for spec in args.suites:
+            suite, _, label = spec.partition("=")
+            rows.append(row(args.output_path, suite, label or None))
+    except FileNotFoundError as error:
+        print(f"table: error: {error}", file=sys.stderr)
+        return 2
+    print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
