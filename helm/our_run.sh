@@ -7,21 +7,28 @@
 #
 # Each knob is a positional argument (in this order) or a variable of the same name; an argument
 # wins over a variable, a variable over the default:
-#   jsonl               results of run_helm.py          default ../<task>-<model_arch>-full.jsonl
+#   jsonl               results of run_helm.py        default ../<task>-<model_arch>-full.jsonl
 #   task                requests in ../data/<task>.jsonl  default xsum
 #   model_arch          deployment h2o-lab/<model_arch>   default llama
 #   output_name         HELM suite, folder under benchmark_output/runs/
 #                                                       default: jsonl's file name less .jsonl
 #   max_eval_instances  evaluate the first N requests   default: as many as jsonl has results
+# and, as a variable only, output_path: HELM's output folder (default helm/benchmark_output).
+# Relative paths are relative to the folder you run it from.
 set -euo pipefail
+caller=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")"
 die() { echo "our_run.sh: error: $*" >&2; exit 2; }
+from_caller() { case $1 in /*) echo "$1" ;; *) echo "${caller}/$1" ;; esac; }  # relative to where we were run
 
 task=${2:-${task:-xsum}}
 model_arch=${3:-${model_arch:-llama}}
-jsonl=${1:-${jsonl:-../${task}-${model_arch}-full.jsonl}}
+jsonl=${1:-${jsonl:-}}
+jsonl=${jsonl:+$(from_caller "${jsonl}")}
+jsonl=${jsonl:-${PWD%/*}/${task}-${model_arch}-full.jsonl}
 output_name=${4:-${output_name:-$(basename "${jsonl}" .jsonl)}}
 max_eval_instances=${5:-${max_eval_instances:-}}
+output_path=$(from_caller "${output_path:-${PWD}/benchmark_output}")
 
 # HELM from the repository's virtualenv unless another one is active.
 if ! command -v helm-run >/dev/null 2>&1 && [[ -x ../.venv/bin/helm-run ]]; then
@@ -36,30 +43,32 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1           # nothing below downloa
 [[ -f ${jsonl} ]] || die "results file ${jsonl} does not exist (run_helm.py --output_path, or pass jsonl=...)"
 [[ -s ${jsonl} ]] || die "results file ${jsonl} is empty"
 
-mkdir -p benchmark_output/logs
-exec 9>benchmark_output/.our_run.lock  # one evaluation at a time: they share the scenario's data file
+mkdir -p "${output_path}/logs"
+exec 9>"${output_path}/.our_run.lock"  # one evaluation at a time: they share the scenario's data file
 command -v flock >/dev/null 2>&1 && flock 9
 
 # 1. Check the results against the requests HELM asks for; stage the scenario data.
 staged=$("${PYTHON}" -m lab_helm.evaluate prepare --jsonl "${jsonl}" --task "${task}" \
-    --model-arch "${model_arch}" --suite "${output_name}" ${max_eval_instances:+--n "${max_eval_instances}"}) || exit 2
+    --model-arch "${model_arch}" --suite "${output_name}" --output-path "${output_path}" \
+    ${max_eval_instances:+--n "${max_eval_instances}"}) || exit 2
 n=$(sed -n 1p <<<"${staged}")
 entry=$(sed -n 2p <<<"${staged}")
-export LAB_HELM_RESULTS="$(cd "$(dirname "${jsonl}")" && pwd)/$(basename "${jsonl}")"
-echo "our_run.sh: ${n} results from ${jsonl} -> benchmark_output/runs/${output_name}/"
+export LAB_HELM_RESULTS=${jsonl}
+echo "our_run.sh: ${n} results from ${jsonl} -> ${output_path}/runs/${output_name}/"
 
 # 2. HELM computes the metrics; the h2o-lab client answers from the results file.
-log=benchmark_output/logs/${output_name}.helm-run.log
+log=${output_path}/logs/${output_name}.helm-run.log
 if ! helm-run --run-entries "${entry}" --suite "${output_name}" --max-eval-instances "${n}" \
         --num-threads 1 --disable-cache --exit-on-error \
-        --local-path prod_env --output-path benchmark_output >"${log}" 2>&1; then
+        --local-path prod_env --output-path "${output_path}" >"${log}" 2>&1; then
     grep -E "Error|error:" "${log}" | tail -n 3 >&2 || true
-    die "helm-run failed; its log: helm/${log}"
+    die "helm-run failed; its log: ${log}"
 fi
-"${PYTHON}" -m lab_helm.evaluate check --jsonl "${jsonl}" --suite "${output_name}" || exit 2
+"${PYTHON}" -m lab_helm.evaluate check --jsonl "${jsonl}" --suite "${output_name}" --output-path "${output_path}" || exit 2
 
 # 3. Summaries for helm-server (runs.json, groups, ...).
-log=benchmark_output/logs/${output_name}.helm-summarize.log
-helm-summarize --suite "${output_name}" --output-path benchmark_output >"${log}" 2>&1 \
-    || die "helm-summarize failed; its log: helm/${log}"
-echo "our_run.sh: done: helm/benchmark_output/runs/${output_name}/ (view: helm-server --suite ${output_name})"
+log=${output_path}/logs/${output_name}.helm-summarize.log
+helm-summarize --suite "${output_name}" --output-path "${output_path}" >"${log}" 2>&1 \
+    || die "helm-summarize failed; its log: ${log}"
+echo "our_run.sh: done: ${output_path}/runs/${output_name}/"
+echo "our_run.sh: view: helm/serve_local.sh -o ${output_path} --suite ${output_name}"
