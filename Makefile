@@ -1,0 +1,30 @@
+# Quick start: `make lab` (set-up, then full / h2o / local on XSUM with the embedded SmolLM2,
+# evaluated by HELM) and `make test`. Both create .venv when missing and work offline after.
+PYTHON_SYSTEM ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Articles for `make lab`; LAB_N=500 runs the whole vendored XSUM sample.
+LAB_N ?= 20
+LAB_BATCH ?= 4
+
+.PHONY: venv lab test clean-lab
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt helm/setup_offline.sh
+	@command -v $(PYTHON_SYSTEM) >/dev/null || { echo "make: $(PYTHON_SYSTEM) not found (set PYTHON_SYSTEM=...)" >&2; exit 2; }
+	[ -x $(PY) ] || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	PYTHON=$(PY) bash helm/setup_offline.sh
+	touch $(STAMP)
+
+lab: venv
+	LAB_N=$(LAB_N) LAB_BATCH=$(LAB_BATCH) bash scripts/lab.sh
+
+test: venv
+	$(PY) -m pytest tests -q
+
+clean-lab:
+	rm -rf out/lab helm/benchmark_output/runs/lab-*
