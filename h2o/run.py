@@ -18,6 +18,7 @@ from h2o.policies import POLICIES, make_policy
 
 log = logging.getLogger("run_helm")
 CHAT_TEMPLATE = ("auto", "on", "off")
+WINDOW_BATCHES = 8  # batches per length-sorted window
 
 
 def parser() -> argparse.ArgumentParser:
@@ -128,20 +129,29 @@ def run(args, model, tokenizer, encoded: list[tuple], policy) -> None:
 
     generated, started = 0, time.perf_counter()
     with helm_io.open_results(args.output_path) as out, tqdm(total=len(encoded), unit="req") as bar:
-        for batch in helm_io.batches(encoded, args.batch_size):
-            sampling = [
-                Sampling(
-                    max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=args.k,
-                    stop=r.stop, top_logprobs=r.top_logprobs, seed=args.seed * 1_000_003 + r.line,
-                )
-                for r, _, _ in batch
-            ]
-            t0 = time.perf_counter()
-            completions = generate(model, tokenizer, [ids for _, ids, _ in batch], sampling, eviction)
-            seconds = time.perf_counter() - t0
-            for (request, _, templated), completion in zip(batch, completions):
-                record = helm_io.result_record(request, completion, seconds, len(batch), templated)
-                helm_io.append(out, record)
-                generated += len(completion.token_ids)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.1f}")
+        # Batches of similar lengths waste less on padding: sort within a window, then write the
+        # window's results in input order (an interrupted run loses at most one window).
+        window = args.batch_size * WINDOW_BATCHES
+        for start in range(0, len(encoded), window):
+            chunk = encoded[start : start + window]
+            by_length = sorted(range(len(chunk)), key=lambda i: len(chunk[i][1]))
+            records: dict[int, dict] = {}
+            for rows in helm_io.batches(by_length, args.batch_size):
+                batch = [chunk[i] for i in rows]
+                sampling = [
+                    Sampling(
+                        max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=args.k,
+                        stop=r.stop, top_logprobs=r.top_logprobs, seed=args.seed * 1_000_003 + r.line,
+                    )
+                    for r, _, _ in batch
+                ]
+                t0 = time.perf_counter()
+                completions = generate(model, tokenizer, [ids for _, ids, _ in batch], sampling, eviction)
+                seconds = time.perf_counter() - t0
+                for i, (request, _, templated), completion in zip(rows, batch, completions):
+                    records[i] = helm_io.result_record(request, completion, seconds, len(batch), templated)
+                    generated += len(completion.token_ids)
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.1f}")
+            for i in range(len(chunk)):
+                helm_io.append(out, records[i])
