@@ -10,6 +10,7 @@ from conftest import ROOT
 from h2o import models
 from h2o.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
+from h2o.run import encode
 from paper_reference import paper_greedy
 
 NEW_TOKENS = 20
@@ -46,7 +47,7 @@ def prompts(smollm2):
     _, tokenizer = smollm2
     lines = (ROOT / "data" / "xsum.jsonl").read_text().splitlines()[:3]
     texts = [json.loads(line)["request"]["prompt"] for line in lines]
-    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    return [encode(tokenizer, t, "on")[0] for t in texts]  # templated: real summaries, not stubs
 
 
 def test_the_twin_is_the_same_function(smollm2, twin, prompts):
@@ -61,7 +62,7 @@ def test_twin_mask_mode_matches_the_paper_and_drop_matches_mask(smollm2, twin, p
     _, tokenizer = smollm2
     sampling = [Sampling(max_new_tokens=NEW_TOKENS)]
     compared = 0
-    for prompt in prompts[1:]:
+    for prompt in prompts[:2]:
         paper = paper_greedy(twin, prompt, NEW_TOKENS, *ratios)
         if tokenizer.eos_token_id in paper:  # we stop at the end of text; the paper's loop runs on
             paper = paper[: paper.index(tokenizer.eos_token_id)]
