@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from h2o.cache import EvictingCache
+from h2o.policies import Observation
 
 # Prefill materializes (batch, heads, rows, slots) probabilities; past this many elements the
 # query rows are processed in slices (smaller slices only when needed: results stay bitwise
@@ -57,6 +58,7 @@ def _attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: 
 
     rows = max(1, min(q_len, MAX_SCORE_ELEMENTS // max(1, b * hq * s)))
     received = torch.zeros(b, hkv, s, dtype=torch.float32, device=query.device)
+    seen = torch.zeros_like(received)
     outputs = []
     for start in range(0, q_len, rows):
         stop = min(q_len, start + rows)
@@ -76,9 +78,13 @@ def _attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: 
             out = out.view(b, hq, stop - start, d)
         outputs.append(out)
         # Padded query rows attend to garbage and must not vote.
-        probs = probs * row_valid[:, None, None, start:stop, None].to(probs.dtype)
+        rows_valid = row_valid[:, None, None, start:stop, None]
+        probs = probs * rows_valid.to(probs.dtype)
         received += probs.sum(dim=3).sum(dim=2).float()
-    layer.observe(received)
+        seen += (visible & rows_valid[:, :, 0]).sum(dim=2) * groups
+    # Left padding puts every sequence's newest token in the last row.
+    newest = probs[:, :, :, -1].sum(dim=2).float()
+    layer.observe(Observation(received=received, newest=newest, seen=seen))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 

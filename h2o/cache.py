@@ -10,7 +10,7 @@ position (-1 for an empty slot), whether the next query may attend to it, and it
   may then pick it as a heavy hitter, so it must stay in memory).
 
 Slots stay in position order in both modes, so drop mode does the same arithmetic as mask mode
-on fewer columns. Scores come in through `observe`, called by the attention function in
+on fewer columns. Attention comes in through `observe`, called by the attention function in
 `h2o.attention` once it has computed the step's attention probabilities.
 """
 
@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from h2o.policies import Policy
+from h2o.policies import Observation, Policy
 
 KVMode = Literal["mask", "drop"]
 KV_MODES: tuple[str, ...] = ("mask", "drop")
@@ -90,6 +90,7 @@ class EvictingLayer(CacheLayerMixin):
         self.positions = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
         self.active = torch.empty(b, h, 0, dtype=torch.bool, device=self.device)
         self.scores = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+        self.views = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
     def update(
@@ -104,7 +105,9 @@ class EvictingLayer(CacheLayerMixin):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, positions[:, None].expand(-1, heads, q)], dim=-1)
         self.active = torch.cat([self.active, valid[:, None].expand(-1, heads, q)], dim=-1)
-        self.scores = torch.cat([self.scores, self.scores.new_zeros(self.scores.shape[0], heads, q)], -1)
+        fresh = self.scores.new_zeros(self.scores.shape[0], heads, q)
+        self.scores = torch.cat([self.scores, fresh], dim=-1)
+        self.views = torch.cat([self.views, fresh], dim=-1)
         self._account()
         return self.keys, self.values
 
@@ -114,11 +117,14 @@ class EvictingLayer(CacheLayerMixin):
             self.positions[:, :, None, :] <= query_positions[:, None, :, None]
         )
 
-    def observe(self, attention: torch.Tensor) -> None:
-        """Take the attention each slot received in this pass, (B, H, S), and evict for the next."""
+    def observe(self, observed: Observation) -> None:
+        """Take what this pass's attention says of each slot, and evict for the next pass."""
         owner = self.owner
-        scores = owner.policy.accumulate(self.scores, attention)
-        chosen = owner.policy.select(scores, self.positions, owner.n_tokens, owner.heavy, owner.recent)
+        scores = owner.policy.accumulate(self.scores, observed)
+        self.views = self.views + observed.seen
+        chosen = owner.policy.select(
+            scores, self.views, self.positions, owner.n_tokens, owner.heavy, owner.recent
+        )
         self.scores = scores * chosen.retained
         self.active = chosen.active
         if owner.mode == "drop":
@@ -136,6 +142,7 @@ class EvictingLayer(CacheLayerMixin):
         self.positions = self.positions.gather(2, slots).masked_fill(~filled, -1)
         self.active = self.active.gather(2, slots) & filled
         self.scores = self.scores.gather(2, slots) * filled
+        self.views = self.views.gather(2, slots) * filled
         self._account()
 
     def _account(self) -> None:

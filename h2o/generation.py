@@ -100,6 +100,59 @@ def _finish(
     return Completion(text, pieces, ids, logprobs, tops, offsets, reason)
 
 
+class Decoder:
+    """Forward passes for one batch and its KV cache: `prefill()` once, then `step(tokens)` for
+    one token per sequence. Prompts are left-padded; positions count real tokens only."""
+
+    def __init__(self, model: PreTrainedModel, prompts: list[list[int]], eviction: Eviction | None,
+                 pad_id: int = 0) -> None:
+        self.model, self.eviction = model, eviction
+        device = model.device
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((batch, width), pad_id, dtype=torch.long)
+        valid = torch.zeros(batch, width, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            valid[row, width - len(prompt):] = True
+        self.ids, self.valid = ids.to(device), valid.to(device)
+        self.lengths = self.valid.sum(-1)
+        self.steps = 0
+        config = model.config
+        if eviction is None:
+            self.cache = DynamicCache(config=config)
+            self.attention, self.extra = "sdpa", {}
+            self.mask = self.valid.long()
+        else:
+            self.cache = EvictingCache(
+                eviction.policy, eviction.mode, config.num_hidden_layers, [len(p) for p in prompts], device
+            )
+            self.attention = ATTENTION_IMPLEMENTATIONS[eviction.attention]
+            self.extra = {"eviction_cache": self.cache}
+            self.mask = None
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.model.set_attn_implementation(self.attention)
+        if self.eviction is not None:
+            self.cache.begin(positions, valid)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
+                         use_cache=True, **self.extra, **kwargs)
+        return out.logits[:, -1].float()
+
+    def prefill(self) -> torch.Tensor:
+        """Next-token logits after each prompt, (B, vocab)."""
+        positions = (self.valid.cumsum(-1) - 1).clamp(min=0)
+        return self._forward(self.ids, positions, self.valid, logits_to_keep=1)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence, (B,); next-token logits, (B, vocab)."""
+        ids = tokens.to(self.model.device)[:, None]
+        positions = (self.lengths + self.steps)[:, None]
+        self.steps += 1
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=-1)
+        return self._forward(ids, positions, torch.ones_like(ids, dtype=torch.bool))
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -111,37 +164,10 @@ def generate(
     """Generate one completion per prompt (token ids, no padding), all in one batch."""
     if len(prompts) != len(sampling):
         raise ValueError("one Sampling per prompt")
-    device = model.device
-    batch, width = len(prompts), max(len(p) for p in prompts)
+    batch = len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((batch, width), pad, dtype=torch.long)
-    valid = torch.zeros(batch, width, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        valid[row, width - len(prompt):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (valid.cumsum(-1) - 1).clamp(min=0)
-    lengths = valid.sum(-1)
-
-    config = model.config
-    if eviction is None:
-        cache = DynamicCache(config=config)
-        model.set_attn_implementation("sdpa")
-        extra: dict = {}
-        mask = valid.long()
-    else:
-        cache = EvictingCache(
-            eviction.policy, eviction.mode, config.num_hidden_layers, [len(p) for p in prompts], device
-        )
-        model.set_attn_implementation(ATTENTION_IMPLEMENTATIONS[eviction.attention])
-        extra = {"eviction_cache": cache}
-        mask = None
-        cache.begin(positions, valid)
-
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-        use_cache=True, logits_to_keep=1, **extra,
-    ).logits[:, -1].float()
+    decoder = Decoder(model, prompts, eviction, pad)
+    logits = decoder.prefill()
 
     eos = _eos_ids(model, tokenizer)
     generators = [torch.Generator().manual_seed(s.seed) for s in sampling]
@@ -175,23 +201,13 @@ def generate(
                 reasons[row] = "length"
         if all(r is not None for r in reasons) or step == steps - 1:
             break
-        step_ids = next_ids.to(device)[:, None]
-        step_positions = (lengths + step)[:, None]
-        step_valid = torch.ones_like(step_ids, dtype=torch.bool)
-        if eviction is None:
-            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=-1)
-        else:
-            cache.begin(step_positions, step_valid)
-        logits = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_positions, cache=cache,
-            use_cache=True, **extra,
-        ).logits[:, -1].float()
+        logits = decoder.step(next_ids)
 
     completions = []
     for row in range(batch):
         done = _finish(tokenizer, out_ids[row], out_logprobs[row], out_tops[row],
                        sampling[row].stop, reasons[row] or "length")
-        done.kv_cache = _kv_report(model, cache, eviction, row, len(prompts[row]), len(out_ids[row]))
+        done.kv_cache = _kv_report(model, decoder.cache, eviction, row, len(prompts[row]), len(out_ids[row]))
         completions.append(done)
     return completions
 

@@ -41,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
     # Ours.
     p.add_argument("--kv_mode", choices=KV_MODES, default="drop",
                    help="drop: evict for real; mask: the paper's simulation (masks, keeps memory)")
-    p.add_argument("--policy", choices=sorted(POLICIES), default="h2o")
+    p.add_argument("--policy", choices=sorted(POLICIES), default="h2o",
+                   help="which tokens a small cache keeps (h2o is the paper's)")
+    p.add_argument("--sink_size", type=int, default=4, help="first tokens kept by --policy sink")
     p.add_argument("--attention", choices=sorted(ATTENTION_IMPLEMENTATIONS), default="eager",
                    help="attention kernel under the small cache")
     p.add_argument("--batch_size", type=int, default=1)
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         _check(args)
-        policy = make_policy(args.policy, args.heavy_ratio, args.recent_ratio) if args.enable_small_cache else None
+        options = {"sink_size": args.sink_size} if args.policy == "sink" else {}
+        policy = (make_policy(args.policy, args.heavy_ratio, args.recent_ratio, **options)
+                  if args.enable_small_cache else None)
         requests = helm_io.read_requests(args.input_path)[: args.sample_num]
         done = helm_io.completed_count(args.output_path, requests)
         if done == len(requests):

@@ -42,6 +42,17 @@ def test_drop_mode_gives_mask_modes_tokens(request, tokenizer, model_name, ratio
         assert _tokens(model, tokenizer, [prompt], "drop", ratios) == _tokens(model, tokenizer, [prompt], "mask", ratios)
 
 
+@pytest.mark.parametrize("policy", ["h2o-avg", "sink", "tova"])
+def test_every_policy_drops_what_it_masks(mha, tokenizer, policy):
+    prompts = random_prompts([64, 101], seed=5)
+    runs = {}
+    for mode in ("mask", "drop"):
+        eviction = Eviction(make_policy(policy, 0.1, 0.1), mode)
+        runs[mode] = [c.token_ids for c in generate(mha, tokenizer, prompts, [GREEDY] * 2, eviction)]
+    assert runs["drop"] == runs["mask"]
+    assert runs["drop"] != _tokens(mha, tokenizer, prompts)
+
+
 def test_sdpa_drop_gives_eager_drop_tokens(gqa, tokenizer):
     prompts = random_prompts([70], seed=6)
     assert _tokens(gqa, tokenizer, prompts, "drop", attention="sdpa") == _tokens(gqa, tokenizer, prompts, "drop")

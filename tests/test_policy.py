@@ -28,8 +28,9 @@ def test_unknown_policy_is_refused():
 def _select(scores, n_tokens, heavy, recent):
     positions = torch.arange(len(scores)).view(1, 1, -1)
     policy = make_policy("h2o", 0.1, 0.1)
+    scores = torch.tensor(scores, dtype=torch.float32).view(1, 1, -1)
     return policy.select(
-        torch.tensor(scores, dtype=torch.float32).view(1, 1, -1), positions,
+        scores, torch.ones_like(scores), positions,
         torch.tensor([n_tokens]), torch.tensor([heavy]), torch.tensor([recent]),
     )
 
@@ -58,6 +59,49 @@ def test_budgets_are_per_sequence_in_a_batch():
     policy = make_policy("h2o", 0.1, 0.1)
     scores = torch.arange(10, dtype=torch.float32).flip(0).repeat(2, 1, 1)  # earliest highest
     positions = torch.arange(10).repeat(2, 1, 1)
-    chosen = policy.select(scores, positions, torch.tensor([10, 10]), torch.tensor([1, 3]), torch.tensor([2, 2]))
+    chosen = policy.select(scores, torch.ones_like(scores), positions, torch.tensor([10, 10]), torch.tensor([1, 3]), torch.tensor([2, 2]))
     assert chosen.active[0, 0].nonzero().flatten().tolist() == [0, 9]
     assert chosen.active[1, 0].nonzero().flatten().tolist() == [0, 1, 2, 9]
+
+
+def _select_with(policy, scores, n_tokens, budget, views=None):
+    positions = torch.arange(len(scores)).view(1, 1, -1)
+    scores = torch.tensor(scores, dtype=torch.float32).view(1, 1, -1)
+    views = torch.ones_like(scores) if views is None else torch.tensor(views, dtype=torch.float32).view(1, 1, -1)
+    return policy.select(scores, views, positions, torch.tensor([n_tokens]),
+                         torch.tensor([budget.heavy]), torch.tensor([budget.recent]))
+
+
+def _kept(selection):
+    return selection.active[0, 0].nonzero().flatten().tolist()
+
+
+def test_sink_keeps_the_first_tokens_and_the_window():
+    policy = make_policy("sink", 0.0, 0.5, sink_size=2)
+    budget = policy.budget(12)
+    assert budget == Budget(heavy=2, recent=4)
+    chosen = _select_with(policy, [0.0] * 12 + [99.0] * 0, n_tokens=12, budget=budget)
+    assert _kept(chosen) == [0, 1, 9, 10, 11]  # + the next token: 6 in all
+    assert chosen.retained.sum() == chosen.active.sum()  # nothing parked
+
+
+def test_tova_ranks_by_the_newest_query_alone():
+    from h2o.policies import Observation
+
+    policy = make_policy("tova", 0.2, 0.2)
+    old = torch.tensor([[[100.0, 100.0, 0.0, 0.0]]])
+    newest = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]])
+    observed = Observation(received=newest, newest=newest, seen=torch.ones_like(newest))
+    assert torch.equal(policy.accumulate(old, observed), newest)
+    budget = policy.budget(10)
+    assert budget == Budget(heavy=3, recent=1)
+    chosen = _select_with(policy, [5.0, 0.0, 4.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 9.0], n_tokens=10, budget=budget)
+    assert _kept(chosen) == [0, 2, 9]
+
+
+def test_h2o_avg_ranks_by_attention_per_view():
+    policy = make_policy("h2o-avg", 0.1, 0.3)
+    # Token 0: much attention but seen by many queries; token 2: less, seen by few.
+    chosen = _select_with(policy, [10.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], n_tokens=10,
+                          budget=Budget(heavy=1, recent=3), views=[100, 10, 2, 1, 1, 1, 1, 1, 1, 1])
+    assert _kept(chosen) == [2, 8, 9]

@@ -1,9 +1,12 @@
 """Eviction policies by name. Adding one: a module with a `Policy` subclass and a line below."""
 
-from h2o.policies.base import Budget, Policy, Selection
+from h2o.policies.base import Budget, Observation, Policy, Selection
 from h2o.policies.h2o import H2O
+from h2o.policies.h2o_avg import H2OAverage
+from h2o.policies.sink import Sink
+from h2o.policies.tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O,)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, H2OAverage, Sink, TOVA)}
 
 
 def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: object) -> Policy:
@@ -13,4 +16,4 @@ def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: o
     return POLICIES[name](heavy_ratio, recent_ratio, **options)
 
 
-__all__ = ["Budget", "POLICIES", "Policy", "Selection", "make_policy"]
+__all__ = ["Budget", "Observation", "POLICIES", "Policy", "Selection", "make_policy"]

@@ -36,6 +36,15 @@ class Selection:
     retained: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Observation:
+    """What one forward pass's attention says of each slot; each tensor is (B, H, S)."""
+
+    received: torch.Tensor  # probability mass, summed over query rows and the heads sharing the KV head
+    newest: torch.Tensor  # the same from the newest query row alone
+    seen: torch.Tensor  # how many (query row, query head) pairs could attend to the slot
+
+
 class Policy(ABC):
     """Base class: the paper's recent-window + heavy-hitter selection over a policy's own score.
 
@@ -44,6 +53,9 @@ class Policy(ABC):
     """
 
     name: ClassVar[str]
+    # The paper's code masks the token leaving the recent window for one step, then lets it
+    # compete as a heavy hitter. Policies from other papers let it compete at once.
+    parks_leaving_token: ClassVar[bool] = True
 
     def __init__(self, heavy_ratio: float, recent_ratio: float) -> None:
         for flag, value in (("--heavy_ratio", heavy_ratio), ("--recent_ratio", recent_ratio)):
@@ -64,18 +76,19 @@ class Policy(ABC):
             recent=max(1, int(self.recent_ratio * prompt_len)),
         )
 
-    def accumulate(self, scores: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """Running score after one forward pass. `attention`: the attention each slot received in
-        it, summed over the query rows and the query heads that share the KV head."""
-        return scores + attention
+    def accumulate(self, scores: torch.Tensor, observed: Observation) -> torch.Tensor:
+        """Running score after one forward pass (H2O: attention summed since the prefill)."""
+        return scores + observed.received
 
-    def rank(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """What the heavy top-k sorts on (higher is kept)."""
+    def rank(self, scores: torch.Tensor, views: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What the heavy top-k sorts on (higher is kept); `views` counts the (query row, head)
+        pairs that could attend to each slot so far."""
         return scores
 
     def select(
         self,
         scores: torch.Tensor,
+        views: torch.Tensor,
         positions: torch.Tensor,
         n_tokens: torch.Tensor,
         heavy: torch.Tensor,
@@ -85,8 +98,9 @@ class Policy(ABC):
 
         positions: (B, H, S) absolute position of each slot's token, -1 for an empty slot.
         n_tokens, heavy, recent: (B,). The next token joins the recent window, so the window keeps
-        the last `recent - 1` seen tokens. The token just leaving the window is not attended next
-        step but stays a heavy-hitter candidate: this is the paper's code, column for column.
+        the last `recent - 1` seen tokens. With `parks_leaving_token`, the token just leaving the
+        window is not attended next step but stays a heavy-hitter candidate: the paper's code,
+        column for column.
         """
         t = n_tokens.view(-1, 1, 1)
         h = heavy.view(-1, 1, 1)
@@ -95,13 +109,17 @@ class Policy(ABC):
         over_budget = t > h + r
 
         window = present & (positions >= t + 1 - r)
-        leaving = present & (positions == t - r) & (h > 0)
-        candidate = present & (positions < t - r)
+        if self.parks_leaving_token:
+            leaving = present & (positions == t - r) & (h > 0)
+            candidate = present & (positions < t - r)
+        else:
+            leaving = torch.zeros_like(present)
+            candidate = present & (positions < t + 1 - r)
 
         chosen = torch.zeros_like(present)
         k = min(int(heavy.max()), positions.shape[-1])
         if k > 0:
-            ranked = self.rank(scores, positions).masked_fill(~candidate, float("-inf"))
+            ranked = self.rank(scores, views, positions).masked_fill(~candidate, float("-inf"))
             top_values, top_slots = ranked.topk(k, dim=-1)
             wanted = torch.arange(k, device=positions.device).view(1, 1, -1) < h
             chosen.scatter_(-1, top_slots, wanted & (top_values > float("-inf")))
