@@ -1,4 +1,4 @@
-"""Helpers for the tests (tests/test_helm*.py): fake results, the network cut, running our_run.sh."""
+"""Support code for tests/test_helm*.py: fake results, the network cut, running our_run.sh."""
 
 from __future__ import annotations
 
