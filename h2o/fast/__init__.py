@@ -1,0 +1,30 @@
+"""The fast path: H2O drop-mode eviction with static shapes, for throughput on a GPU.
+
+Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
+
+- Greedy decoding of a batch of token-id prompts of any lengths (left-padded per prefill
+  slice; padding never counts as a token). Returns the same tokens as the reference
+  `h2o.generation.generate(..., [Sampling(max_new_tokens)] * n, Eviction(policy, "drop"))`,
+  cut before the first end-of-text token: same budgets (`policy.budget` of each prompt), same
+  scores (attention summed over query rows and the query heads sharing a KV head), same
+  selection (`Policy.select`, the paper's recent window + heavy hitters, including the token
+  that sits out one step after leaving the window). Slots are not kept in position order, so
+  sums run in another order: results agree to rounding, and greedy tokens agree unless two
+  logits or two scores tie to within it.
+- Memory: each (layer, sequence, KV head) holds exactly heavy + recent + 1 slots of the
+  largest budget in the batch, allocated once. The prompt is prefilled `prefill_rows`
+  sequences at a time and compacted layer by layer, so the full-length keys and values of
+  one layer of one slice are the most that ever exist at once.
+- Policies: any `Policy` that keeps the base class's `select`; the Triton kernels further
+  need H2O's own `accumulate` and `rank` (otherwise torch operations do the same work).
+- Models: those whose attention goes through transformers' `AttentionInterface` with a
+  `Cache` (the LLaMA family); the cache reaches the attention as the `eviction_cache` keyword.
+- On CUDA the decode step (model, eviction and argmax) is captured once as a CUDA graph and
+  replayed; with Triton, one fused kernel per layer does attention, scoring and eviction, and
+  the prefill scores come from two kernels that never materialize the attention matrix.
+"""
+
+from h2o.fast.cache import ATTENTION, FastCache, FastLayer, fast_eviction_attention
+from h2o.fast.generate import FastGeneration, generate_fast
+
+__all__ = ["ATTENTION", "FastCache", "FastGeneration", "FastLayer", "fast_eviction_attention", "generate_fast"]

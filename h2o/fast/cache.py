@@ -1,0 +1,266 @@
+"""A static-shape eviction cache: heavy + recent + 1 slots per (layer, sequence, KV head), allocated once.
+
+Why it can be static: once a sequence is over budget, every decode step adds one token and the
+paper's selection removes exactly one (the lowest-ranked of the heavy set plus the token that
+left the recent window a step earlier), so the number of held tokens never changes. The new
+token's key and value go into the freed slot, with its absolute position beside it (keys are
+cached after RoPE and attention does not depend on slot order). Every step then has the same
+shapes and touches the same memory, which a CUDA graph can capture.
+
+Prefill goes a slice of the batch at a time: a slice's full-length keys and values exist for
+one layer at a time, are scored by the reference attention (`h2o.attention`) and compacted into
+the slots by the policy's own `select` before the next layer runs.
+
+Two ways to compute a step, same decisions:
+- torch: the reference attention over the slots (the paper's eager arithmetic), then the
+  eviction as a masked argmin. Any policy that keeps `Policy.select`.
+- kernels (Triton; H2O's own scoring only): SDPA plus `kernels.prefill_scores` for the
+  prefill, and `kernels.decode_step` (attention, scoring and eviction fused) per decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from h2o.attention import _attend
+from h2o.fast import kernels
+from h2o.policies import Observation, Policy
+
+
+class FastCache(Cache):
+    """Slots for one batch of sequences, budgets fixed by their prompt lengths.
+
+    `use_kernels`: the Triton kernels (default: wherever they can run and the policy is H2O's
+    scoring: running sum of attention, highest kept, leaving token parked for a step)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        num_layers: int,
+        prompt_lengths: list[int],
+        device: torch.device | str = "cpu",
+        use_kernels: bool | None = None,
+    ) -> None:
+        if type(policy).select is not Policy.select:
+            raise ValueError(f"the fast path implements Policy.select; {type(policy).__name__} overrides it")
+        device = torch.device(device)
+        h2o_scoring = (type(policy).accumulate is Policy.accumulate and type(policy).rank is Policy.rank
+                       and policy.parks_leaving_token)
+        if use_kernels is None:
+            use_kernels = kernels.available(device) and h2o_scoring
+        elif use_kernels and not (kernels.available(device) and h2o_scoring):
+            raise ValueError("the Triton kernels need Triton on this device and H2O's own scoring")
+        self.policy = policy
+        self.use_kernels = use_kernels
+        self.budgets = [policy.budget(n) for n in prompt_lengths]
+        self.batch = len(prompt_lengths)
+        self.capacity = max(b.total for b in self.budgets) + 1
+        self.heavy = torch.tensor([b.heavy for b in self.budgets], device=device)
+        self.recent = torch.tensor([b.recent for b in self.budgets], device=device)
+        # No heavy hitters anywhere: scores are never read, so the kernels never compute them.
+        self.has_heavy = any(b.heavy > 0 for b in self.budgets)
+        # `views` only matter to a policy whose ranking may read them.
+        self.tracks_views = type(policy).rank is not Policy.rank
+        # A policy that lets the leaving token compete at once may have two candidates too many
+        # on the step a sequence first goes over budget (never more).
+        self.evictions_per_step = 1 if policy.parks_leaving_token else 2
+        self.n_tokens = torch.zeros(self.batch, dtype=torch.long, device=device)
+        self.rows: slice | None = None
+        self.query_positions = torch.zeros(self.batch, 0, dtype=torch.long, device=device)
+        self.query_valid = torch.zeros(self.batch, 0, dtype=torch.bool, device=device)
+        self._one_valid = torch.ones(self.batch, 1, dtype=torch.bool, device=device)
+        self.unpadded = False
+        super().__init__(layers=[FastLayer(self, i) for i in range(num_layers)])
+
+    def begin_prefill(self, rows: slice, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """The next forward is the prompts of batch rows `rows`: (rows, n) positions, and which
+        tokens are real (left padding is not)."""
+        self.rows = rows
+        self.query_positions = positions
+        self.query_valid = valid
+        self.unpadded = bool(valid.all())
+        self.n_tokens[rows] = valid.sum(-1)
+
+    def begin_decode(self, positions: torch.Tensor) -> None:
+        """The next forward is one new token for every row, at (B, 1) `positions`. Tensor
+        operations only, so that a CUDA graph can replay it."""
+        self.rows = None
+        self.query_positions = positions
+        self.query_valid = self._one_valid
+        self.n_tokens.copy_(positions[:, -1] + 1)
+
+    def kv_bytes(self) -> int:
+        """Bytes of the key and value slots of all layers."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
+
+class FastLayer(CacheLayerMixin):
+    """One decoder layer's slots. keys/values (B, H, S, D); positions (int32, -1 = free), active
+    (attended by the next query), scores and views (float32): (B, H, S)."""
+
+    is_sliding = False
+    is_compileable = True
+
+    def __init__(self, owner: FastCache, layer_idx: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, s = self.owner.batch, key_states.shape[1], self.owner.capacity
+        self.device = key_states.device
+        # Zeros, not empty: a masked slot's probability is exactly 0, but 0 * NaN garbage is not.
+        self.keys = key_states.new_zeros(b, h, s, key_states.shape[-1])
+        self.values = value_states.new_zeros(b, h, s, value_states.shape[-1])
+        self.positions = torch.full((b, h, s), -1, dtype=torch.int32, device=self.device)
+        self.active = torch.zeros(b, h, s, dtype=torch.bool, device=self.device)
+        self.scores = torch.zeros(b, h, s, dtype=torch.float32, device=self.device)
+        self.views = torch.zeros(b, h, s, dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        heads = key_states.shape[1]
+        if owner.rows is not None:
+            # Prefill: attend over the slice's own tokens; `observe` compacts them once scored.
+            n = key_states.shape[2]
+            self.prompt = (key_states, value_states,
+                           owner.query_positions.masked_fill(~owner.query_valid, -1)[:, None].expand(-1, heads, n),
+                           owner.query_valid[:, None].expand(-1, heads, n))
+            return key_states, value_states
+        # A free slot (position -1) always exists: at most heavy + recent are held between steps.
+        slot = self.positions.argmin(-1, keepdim=True)
+        index = slot[..., None].expand(-1, -1, 1, key_states.shape[-1])
+        self.keys.scatter_(2, index, key_states)
+        self.values.scatter_(2, index, value_states)
+        position = owner.query_positions[:, None, -1:].expand(-1, heads, 1)
+        self.positions.scatter_(2, slot, position.to(torch.int32))
+        self.active.scatter_(2, slot, True)
+        return self.keys, self.values
+
+    def visible(self, query_positions: torch.Tensor) -> torch.Tensor:
+        """(B, H, q, S): which slots each query row may attend to (active, and not in its future)."""
+        if self.owner.rows is not None:
+            _, _, positions, active = self.prompt
+        else:
+            positions, active = self.positions, self.active
+        return active[:, :, None, :] & (positions[:, :, None, :] <= query_positions[:, None, :, None])
+
+    def observe(self, observed: Observation) -> None:
+        """What the reference attention saw this pass: fill the slots (prefill) or evict (decode)."""
+        policy = self.owner.policy
+        if self.owner.rows is not None:
+            scores = policy.accumulate(torch.zeros_like(observed.received), observed)
+            self._fill(scores, observed.seen)
+        else:
+            self._evict(policy.accumulate(self.scores, observed), observed.seen)
+
+    def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Kernel path of a slice's prefill: SDPA output, H2O scores without the attention matrix."""
+        owner = self.owner
+        groups = query.shape[1] // key.shape[1]
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=groups > 1)
+        if owner.has_heavy:
+            scores = kernels.prefill_scores(query, key, scaling)
+        else:
+            scores = torch.zeros(key.shape[:3], dtype=torch.float32, device=key.device)
+        self._fill(scores, None)
+        return out
+
+    def _fill(self, scores: torch.Tensor, views: torch.Tensor | None) -> None:
+        """Keep what the policy retains of the slice's prompt tokens, in position order."""
+        owner, rows = self.owner, self.owner.rows
+        key, value, positions, _ = self.prompt
+        del self.prompt
+        views = views if views is not None else torch.zeros_like(scores)
+        chosen = owner.policy.select(scores, views, positions, owner.n_tokens[rows],
+                                     owner.heavy[rows], owner.recent[rows])
+        width = min(positions.shape[-1], owner.capacity)
+        order = torch.argsort((~chosen.retained).to(torch.uint8), dim=-1, stable=True)[..., :width]
+        filled = torch.arange(width, device=key.device) < chosen.retained.sum(-1, keepdim=True)
+        index = order[..., None].expand(-1, -1, -1, key.shape[-1])
+        self.keys[rows, :, :width] = key.gather(2, index)
+        self.values[rows, :, :width] = value.gather(2, index)
+        self.positions[rows, :, :width] = positions.gather(2, order).masked_fill(~filled, -1).to(torch.int32)
+        self.active[rows, :, :width] = chosen.active.gather(2, order) & filled
+        self.scores[rows, :, :width] = (scores * chosen.retained).gather(2, order) * filled
+        if owner.tracks_views:
+            self.views[rows, :, :width] = views.gather(2, order) * filled
+
+    def _evict(self, scores: torch.Tensor, seen: torch.Tensor) -> None:
+        """`Policy.select` for one decode step, in place and without a host sync: the lowest-ranked
+        candidates while more than `heavy` remain (at most `evictions_per_step`)."""
+        owner = self.owner
+        t = owner.n_tokens.view(-1, 1, 1)
+        heavy = owner.heavy.view(-1, 1, 1)
+        recent = owner.recent.view(-1, 1, 1)
+        positions = self.positions
+        present = positions >= 0
+        over = t > heavy + recent
+        views = self.views + seen if owner.tracks_views else self.views
+        if owner.policy.parks_leaving_token:
+            leaving = present & over & (heavy > 0) & (positions == t - recent)
+            candidate = present & (positions < t - recent)
+        else:
+            leaving = torch.zeros_like(present)
+            candidate = present & (positions <= t - recent)
+        # Without heavy hitters the window alone stays.
+        drop = present & over & (heavy == 0) & (positions <= t - recent)
+        if owner.has_heavy:
+            ranked = owner.policy.rank(scores, views, positions).masked_fill(~candidate, float("inf"))
+            for _ in range(owner.evictions_per_step):
+                victim = ranked.argmin(-1, keepdim=True)
+                excess = candidate.sum(-1, keepdim=True) > heavy
+                hit = candidate.gather(-1, victim) & over & excess & (heavy > 0)
+                dropped = torch.zeros_like(drop).scatter_(-1, victim, hit)
+                drop = drop | dropped
+                candidate = candidate & ~dropped
+                ranked = ranked.masked_fill(dropped, float("inf"))
+        keep = present & ~drop
+        self.positions.masked_fill_(~keep, -1)
+        self.scores.copy_(scores * keep)
+        if owner.tracks_views:
+            self.views.copy_(views * keep)
+        self.active.copy_(keep & ~leaving)
+
+    def decode(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Kernel path of a decode step: attention, scoring and eviction in one kernel."""
+        owner = self.owner
+        return kernels.decode_step(
+            query, self.keys, self.values, self.positions, self.active, self.scores,
+            owner.n_tokens, owner.heavy, owner.recent, scaling, owner.has_heavy,
+        )
+
+    def get_seq_length(self) -> int:
+        return 0 if not self.is_initialized else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+
+def fast_eviction_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention over a `FastCache` layer: the prefill of a slice, or one decode step."""
+    cache = kwargs.get("eviction_cache")
+    if not isinstance(cache, FastCache):
+        raise RuntimeError("h2o_fast attention needs the model call to pass eviction_cache=<FastCache>")
+    layer = cache.layers[module.layer_idx]
+    prefill = cache.rows is not None
+    if not cache.use_kernels or (prefill and not cache.unpadded):
+        return _attend(module, query, key, value, scaling, cache, use_sdpa=False)
+    out = layer.prefill(query, key, value, scaling) if prefill else layer.decode(query, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+ATTENTION = "h2o_fast"
+AttentionInterface.register(ATTENTION, fast_eviction_attention)

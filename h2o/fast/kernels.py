@@ -1,0 +1,215 @@
+"""Triton kernels for the fast path: one fused decode step per layer, and prefill scores.
+
+`decode_step`: for every (sequence, KV head) one program reads the slots' keys and values once,
+computes the attention output of the query heads that share the KV head, adds the attention
+each slot received to its running score, and evicts for the next step (the lowest-scored heavy
+candidate, or for a cache without heavy hitters whatever left the recent window). It replaces
+about twenty small torch kernels per layer whose launches and passes over the score tensors
+cost more than the attention itself at small batches.
+
+`prefill_scores`: the attention each key receives from all later queries of a causal prompt,
+summed over the query rows, without materializing the (rows x keys) probabilities: one pass
+finds each row's log-sum-exp, a second sums exp(logit - lse) down each key's column.
+
+Both run on CUDA, or on the CPU under TRITON_INTERPRET=1 (how the tests check them without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path serves
+    triton = None
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on `device`."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(
+        Q, K, V, Pos, Act, Sc, T, Heavy, Recent, Out, Logits,
+        stride_qb, stride_qh, stride_ob, stride_oh,
+        S, HKV, scale,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, HAS_HEAVY: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // HKV
+        kv_head = pid % HKV
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        g_ok = g < G
+        q = tl.load(Q + b * stride_qb + (kv_head * G + g)[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None], other=0.0).to(tl.float32)
+        row = pid.to(tl.int64) * S
+        kv = row * D
+        scratch = Logits + pid.to(tl.int64) * GP * S
+
+        # Pass 1: logits of every slot (kept in a small scratch row), running max and sum.
+        m = tl.full([GP], -1.0e30, tl.float32)
+        total = tl.zeros([GP], tl.float32)
+        for start in range(0, S, BS):
+            s = start + tl.arange(0, BS)
+            s_ok = s < S
+            k = tl.load(K + kv + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+            logit = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+            visible = tl.load(Act + row + s, mask=s_ok, other=0) != 0
+            logit = tl.where(visible[None, :], logit, float("-inf"))
+            tl.store(scratch + g[:, None] * S + s[None, :], logit, mask=s_ok[None, :])
+            m_new = tl.maximum(m, tl.max(logit, axis=1))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
+            m = m_new
+
+        # Pass 2: probabilities, output, scores, and the window's evictions.
+        t = tl.load(T + b)
+        heavy = tl.load(Heavy + b)
+        recent = tl.load(Recent + b)
+        over = t > heavy + recent
+        inv = 1.0 / total
+        acc = tl.zeros([GP, D], tl.float32)
+        best = float("inf")
+        best_slot = -1
+        for start in range(0, S, BS):
+            s = start + tl.arange(0, BS)
+            s_ok = s < S
+            logit = tl.load(scratch + g[:, None] * S + s[None, :], mask=s_ok[None, :], other=float("-inf"))
+            p = tl.exp(logit - m[:, None]) * inv[:, None]
+            p = tl.where(g_ok[:, None], p, 0.0)
+            v = tl.load(V + kv + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+            acc += tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            pos = tl.load(Pos + row + s, mask=s_ok, other=-1)
+            present = pos >= 0
+            # Without heavy hitters the cache keeps the window alone: drop what left it.
+            drop = present & over & (heavy == 0) & (pos <= t - recent)
+            keep = present & (drop == 0)
+            leaving = over & (heavy > 0) & (pos == t - recent)
+            tl.store(Pos + row + s, tl.where(keep, pos, -1), mask=s_ok)
+            tl.store(Act + row + s, (keep & (leaving == 0)).to(tl.uint8), mask=s_ok)
+            if HAS_HEAVY:
+                score = tl.load(Sc + row + s, mask=s_ok, other=0.0) + tl.sum(p, axis=0)
+                score = tl.where(keep, score, 0.0)
+                tl.store(Sc + row + s, score, mask=s_ok)
+                ranked = tl.where(present & (pos < t - recent), score, float("inf"))
+                low = tl.min(ranked, axis=0)
+                low_slot = start + tl.argmin(ranked, axis=0)
+                best_slot = tl.where(low < best, low_slot, best_slot)
+                best = tl.minimum(best, low)
+        tl.store(Out + b * stride_ob + (kv_head * G + g)[:, None] * stride_oh + d[None, :],
+                 acc.to(Out.dtype.element_ty), mask=g_ok[:, None])
+        if HAS_HEAVY:
+            # Once over budget, exactly one heavy candidate too many: the lowest-scored goes.
+            evict = over & (heavy > 0) & (best < float("inf"))
+            tl.store(Pos + row + best_slot, -1, mask=evict)
+            tl.store(Act + row + best_slot, 0, mask=evict)
+            tl.store(Sc + row + best_slot, 0.0, mask=evict)
+
+    @triton.jit
+    def _row_lse_kernel(
+        Q, K, Lse, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        N, HQ, scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        b = pid_bh // HQ
+        h = pid_bh % HQ
+        first_row = tl.program_id(1) * BM
+        rows = first_row + tl.arange(0, BM)
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :],
+                    mask=rows[:, None] < N, other=0.0)
+        k_base = K + b * stride_kb + (h // G) * stride_kh
+        m = tl.full([BM], -1.0e30, tl.float32)
+        total = tl.zeros([BM], tl.float32)
+        for start in range(0, first_row + BM, BN):
+            cols = start + tl.arange(0, BN)
+            k = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=cols[:, None] < N, other=0.0)
+            logit = tl.dot(q, tl.trans(k)) * scale
+            logit = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < N), logit, float("-inf"))
+            m_new = tl.maximum(m, tl.max(logit, axis=1))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
+            m = m_new
+        tl.store(Lse + pid_bh.to(tl.int64) * N + rows, m + tl.log(total), mask=rows < N)
+
+    @triton.jit
+    def _column_sum_kernel(
+        Q, K, Lse, Received, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        N, HQ, scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        b = pid_bh // HQ
+        h = pid_bh % HQ
+        first_col = tl.program_id(1) * BN
+        cols = first_col + tl.arange(0, BN)
+        d = tl.arange(0, D)
+        k = tl.load(K + b * stride_kb + (h // G) * stride_kh + cols[:, None] * stride_kn + d[None, :],
+                    mask=cols[:, None] < N, other=0.0)
+        q_base = Q + b * stride_qb + h * stride_qh
+        lse_base = Lse + pid_bh.to(tl.int64) * N
+        acc = tl.zeros([BN], tl.float32)
+        for start in range((first_col // BM) * BM, N, BM):
+            rows = start + tl.arange(0, BM)
+            q = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=rows[:, None] < N, other=0.0)
+            lse = tl.load(lse_base + rows, mask=rows < N, other=0.0)
+            p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+            p = tl.where((cols[None, :] <= rows[:, None]) & (rows[:, None] < N), p, 0.0)
+            acc += tl.sum(p, axis=0)
+        tl.store(Received + pid_bh.to(tl.int64) * N + cols, acc, mask=cols < N)
+
+
+def decode_step(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    active: torch.Tensor,
+    scores: torch.Tensor,
+    n_tokens: torch.Tensor,
+    heavy: torch.Tensor,
+    recent: torch.Tensor,
+    scaling: float,
+    has_heavy: bool,
+) -> torch.Tensor:
+    """Attention output (B, Hq, 1, D) of one decode step; updates positions, active and scores in
+    place for the next step. keys/values: (B, Hkv, S, D) contiguous; positions int32, active bool,
+    scores float32, all (B, Hkv, S); n_tokens, heavy, recent: (B,)."""
+    b, hq, _, d = query.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    groups = hq // hkv
+    padded = triton.next_power_of_2(groups)
+    out = query.new_empty(b, hq, 1, d)
+    logits = torch.empty(b * hkv * padded * s, dtype=torch.float32, device=query.device)
+    # The (groups, slots, head_dim) product lives in registers: fewer slots per tile for more groups.
+    block = max(16, 64 // padded)
+    _decode_kernel[(b * hkv,)](
+        query, keys, values, positions, active.view(torch.uint8), scores, n_tokens, heavy, recent, out, logits,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        s, hkv, scaling,
+        G=groups, GP=padded, D=d, BS=block, HAS_HEAVY=has_heavy, num_warps=4,
+    )
+    return out
+
+
+def prefill_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(B, Hkv, N) attention received by each key of a causal, unpadded prompt, summed over the
+    query rows and the query heads sharing the KV head. query (B, Hq, N, D), key (B, Hkv, N, D)."""
+    b, hq, n, d = query.shape
+    hkv = key.shape[1]
+    lse = torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
+    received = torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
+    block = 64
+    grid = (b * hq, triton.cdiv(n, block))
+    strides = (*query.stride()[:3], *key.stride()[:3])
+    _row_lse_kernel[grid](query, key, lse, *strides, n, hq, scaling,
+                          G=hq // hkv, D=d, BM=block, BN=block, num_warps=4)
+    _column_sum_kernel[grid](query, key, lse, received, *strides, n, hq, scaling,
+                             G=hq // hkv, D=d, BM=block, BN=block, num_warps=4)
+    return received.view(b, hkv, hq // hkv, n).sum(2)
