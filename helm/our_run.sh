@@ -39,9 +39,9 @@ PYTHON=$(dirname "$(command -v helm-run)")/python
 export PYTHONPATH="${PWD}${PYTHONPATH:+:${PYTHONPATH}}"  # lab_helm: the results client and tokenizer
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1           # nothing below downloads; fail, never fetch
 
-"${PYTHON}" -m lab_helm.offline --check || exit 2
 [[ -f ${jsonl} ]] || die "results file ${jsonl} does not exist (run_helm.py --output_path, or pass jsonl=...)"
 [[ -s ${jsonl} ]] || die "results file ${jsonl} is empty"
+missing=$("${PYTHON}" -m lab_helm.offline --check 2>&1) || die "${missing}"
 
 mkdir -p "${output_path}/logs"
 exec 9>"${output_path}/.our_run.lock"  # one evaluation at a time: they share the scenario's data file

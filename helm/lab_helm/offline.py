@@ -165,8 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="install nothing; exit 1 if something is missing")
     args = p.parse_args(argv)
     if args.check:
+        import importlib.metadata
+        import importlib.util
+
         missing = []
-        if _spacy_model_status() == "absent":
+        try:  # cheap: no spaCy import
+            importlib.metadata.distribution(MODEL)
+            installed = importlib.util.find_spec(MODEL) is not None
+        except importlib.metadata.PackageNotFoundError:
+            installed = False
+        if not installed:
             missing.append(f"spaCy's {MODEL}")
         if not punkt_tab_found():
             missing.append("nltk's punkt_tab")
