@@ -25,6 +25,9 @@ Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
 """
 
 from h2o.fast.cache import ATTENTION, FastCache, FastLayer, fast_eviction_attention
-from h2o.fast.generate import FastGeneration, generate_fast
+from h2o.fast.generate import FastDecoder, FastGeneration, generate_fast
 
-__all__ = ["ATTENTION", "FastCache", "FastGeneration", "FastLayer", "fast_eviction_attention", "generate_fast"]
+__all__ = [
+    "ATTENTION", "FastCache", "FastDecoder", "FastGeneration", "FastLayer", "fast_eviction_attention",
+    "generate_fast",
+]

@@ -1,5 +1,5 @@
-"""Greedy batched generation over a `FastCache`: prefill in slices, then one captured decode step
-replayed until the end."""
+"""Greedy batched generation over a `FastCache`: prefill in slices, then one decode step that a
+CUDA graph captures once and replays until the end."""
 
 from __future__ import annotations
 
@@ -17,10 +17,84 @@ from h2o.policies import Policy
 EOS_CHECK_EVERY = 16
 
 
+class FastDecoder:
+    """Forward passes for one batch: `prefill()` once, then `step()` per new token. After one
+    eager step, `capture()` records the step (model, eviction, greedy choice) as a CUDA graph
+    and later steps replay it: no Python and no kernel launches on the way."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        prompts: list[list[int]],
+        policy: Policy,
+        prefill_rows: int = 8,
+        pad_token_id: int = 0,
+        use_kernels: bool | None = None,
+    ) -> None:
+        self.model, self.prompts = model, prompts
+        self.prefill_rows, self.pad_token_id = prefill_rows, pad_token_id
+        self.device = model.device
+        self.cache = FastCache(policy, model.config.num_hidden_layers, [len(p) for p in prompts],
+                               self.device, use_kernels)
+        # The step's inputs, updated in place: the token just chosen and its position.
+        self.next_ids = torch.zeros(len(prompts), 1, dtype=torch.long, device=self.device)
+        self.positions = torch.tensor([len(p) for p in prompts], device=self.device)[:, None]
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        """Prefill every prompt, `prefill_rows` at a time; the first new token of each, (B,)."""
+        self.model.set_attn_implementation(ATTENTION)
+        for start in range(0, len(self.prompts), self.prefill_rows):
+            rows = slice(start, min(len(self.prompts), start + self.prefill_rows))
+            chunk = self.prompts[rows]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+            valid = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for row, prompt in enumerate(chunk):
+                ids[row, width - len(prompt):] = torch.tensor(prompt)
+                valid[row, width - len(prompt):] = True
+            ids, valid = ids.to(self.device), valid.to(self.device)
+            positions = (valid.cumsum(-1) - 1).clamp(min=0)
+            self.cache.begin_prefill(rows, positions, valid)
+            logits = self.model(input_ids=ids, position_ids=positions, cache=self.cache,
+                                eviction_cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            self.next_ids[rows, 0] = logits.float().argmax(-1)
+        return self.next_ids[:, 0]
+
+    def _step(self) -> None:
+        self.cache.begin_decode(self.positions)
+        logits = self.model(input_ids=self.next_ids, position_ids=self.positions, cache=self.cache,
+                            eviction_cache=self.cache, use_cache=True).logits[:, -1]
+        self.next_ids.copy_(logits.float().argmax(-1, keepdim=True))
+        self.positions.add_(1)
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """Feed the tokens just chosen; the next ones, (B,)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.model.set_attn_implementation(ATTENTION)
+            self._step()
+        return self.next_ids[:, 0]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Record the decode step as a CUDA graph. Call after one eager `step()`, which compiles
+        the kernels and settles the allocations; capturing runs nothing."""
+        self.model.set_attn_implementation(ATTENTION)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.graph = graph
+
+
 @dataclass
 class FastGeneration:
     """Token ids per prompt (cut before the first end-of-text token), the seconds spent in the
-    prefill (first token included) and in the decode steps, and the KV bytes the slots hold."""
+    prefill (first token included) and in the decode steps, and the bytes of the key and value
+    slots."""
 
     token_ids: list[list[int]]
     prefill_seconds: float
@@ -50,63 +124,25 @@ def generate_fast(
 
     Same tokens as `h2o.generation.generate` with `Eviction(policy, "drop")` and greedy sampling.
     `prefill_rows` sequences are prefilled at a time (left-padded to the longest among them).
-    `cuda_graph` (default: on CUDA) captures the decode step once and replays it."""
+    `cuda_graph` (default: on CUDA) replays a captured decode step."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    device = model.device
-    batch = len(prompts)
-    cache = FastCache(policy, model.config.num_hidden_layers, [len(p) for p in prompts], device, use_kernels)
-    model.set_attn_implementation(ATTENTION)
+    decoder = FastDecoder(model, prompts, policy, prefill_rows, pad_token_id, use_kernels)
+    device = decoder.device
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
-    tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+    tokens = torch.zeros(len(prompts), max_new_tokens, dtype=torch.long, device=device)
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
 
     _synchronize(device)
     started = time.perf_counter()
-    for start in range(0, batch, prefill_rows):
-        rows = slice(start, min(batch, start + prefill_rows))
-        chunk = prompts[rows]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        valid = torch.zeros(len(chunk), width, dtype=torch.bool)
-        for row, prompt in enumerate(chunk):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            valid[row, width - len(prompt):] = True
-        ids, valid = ids.to(device), valid.to(device)
-        positions = (valid.cumsum(-1) - 1).clamp(min=0)
-        cache.begin_prefill(rows, positions, valid)
-        logits = model(input_ids=ids, position_ids=positions, cache=cache, eviction_cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        tokens[rows, 0] = logits.float().argmax(-1)
+    tokens[:, 0] = decoder.prefill()
     _synchronize(device)
     prefilled = time.perf_counter()
-
-    # Static inputs of the decode step: the token just chosen and its position.
-    step_ids = tokens[:, :1].clone()
-    step_positions = torch.tensor([len(p) for p in prompts], device=device)[:, None]
-
-    def step() -> None:
-        cache.begin_decode(step_positions)
-        logits = model(input_ids=step_ids, position_ids=step_positions, cache=cache,
-                       eviction_cache=cache, use_cache=True).logits[:, -1]
-        step_ids.copy_(logits.float().argmax(-1, keepdim=True))
-        step_positions.add_(1)
-
-    graph = None
-    eos = torch.tensor(eos_token_ids, device=device)
     for i in range(1, max_new_tokens):
-        if graph is not None:
-            graph.replay()
-        elif cuda_graph and i > 1:
-            # Captured after one eager step (which warms up kernels and allocations); capture
-            # records without running, so this step still has to be replayed.
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            graph.replay()
-        else:
-            step()
-        tokens[:, i] = step_ids[:, 0]
+        if cuda_graph and i == 2:
+            decoder.capture()
+        tokens[:, i] = decoder.step()
         if eos.numel() and i % EOS_CHECK_EVERY == 0 and bool(torch.isin(tokens[:, : i + 1], eos).any(-1).all()):
             break
     _synchronize(device)
@@ -116,4 +152,4 @@ def generate_fast(
     for row in tokens.tolist():
         ends = [j for j, token in enumerate(row) if token in eos_token_ids]
         out.append(row[: ends[0]] if ends else row)
-    return FastGeneration(out, prefilled - started, finished - prefilled, cache.kv_bytes())
+    return FastGeneration(out, prefilled - started, finished - prefilled, decoder.cache.kv_bytes())
