@@ -1,0 +1,150 @@
+"""The sweep's report: a table (CSV and Markdown) and plots from the finished points.
+
+Spreads are 95% confidence intervals of a mean over articles (1.96 standard errors). A policy
+"beats" H2O at a budget only when the interval of the per-article difference excludes zero, so
+a reader can tell a real gain from noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from h2o.policies import POLICIES  # noqa: E402
+
+KNOWN_POLICIES = tuple(POLICIES)
+COLUMNS = ("policy", "budget", "n", "rouge_1", "rouge_2", "rouge_2_ci95", "rouge_l", "rouge_2_vs_full",
+           "kv_mib_peak", "kv_vs_full", "kl_mean", "agreement", "fidelity_n")
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, 1.96 * sd / math.sqrt(n)
+
+
+def load(folder: Path) -> list[dict]:
+    points = [json.loads(p.read_text()) for p in sorted((folder / "points").glob("*.json"))]
+    return sorted(points, key=lambda p: (p["budget"], p["policy"]))
+
+
+def rows(points: list[dict]) -> list[dict]:
+    full = next((p for p in points if p["policy"] == "full"), None)
+    table = []
+    for p in points:
+        rouge_2, ci = _mean_ci(p["per_article"]["rouge_2"])
+        kl = p.get("kl_per_article")
+        agree = p.get("agreement_per_article")
+        table.append({
+            "policy": p["policy"], "budget": p["budget"], "n": p["n"],
+            "rouge_1": p.get("rouge_1"), "rouge_2": rouge_2, "rouge_2_ci95": ci, "rouge_l": p.get("rouge_l"),
+            "rouge_2_vs_full": rouge_2 / full["rouge_2"] if full and full.get("rouge_2") else None,
+            "kv_mib_peak": p["kv_bytes_peak"] / 2**20,
+            "kv_vs_full": p["kv_bytes_peak"] / p["kv_bytes_full"],
+            "kl_mean": sum(kl) / len(kl) if kl else None,
+            "agreement": sum(agree) / len(agree) if agree else None,
+            "fidelity_n": len(kl) if kl else 0,
+        })
+    return table
+
+
+def best_per_budget(points: list[dict]) -> list[str]:
+    """One line per budget: the best policy by ROUGE-2, and whether it beats H2O beyond noise."""
+    lines = []
+    for budget in sorted({p["budget"] for p in points if p["policy"] != "full"}):
+        here = [p for p in points if p["budget"] == budget and p["policy"] != "full"]
+        best = max(here, key=lambda p: _mean_ci(p["per_article"]["rouge_2"])[0])
+        h2o = next((p for p in here if p["policy"] == "h2o"), None)
+        line = f"- {budget:.0%}: **{best['policy']}** (ROUGE-2 {_mean_ci(best['per_article']['rouge_2'])[0]:.4f}, n={best['n']})"
+        if h2o and best is not h2o:
+            diffs = [a - b for a, b in zip(best["per_article"]["rouge_2"], h2o["per_article"]["rouge_2"])]
+            mean, ci = _mean_ci(diffs)
+            verdict = "beyond noise" if abs(mean) > ci else "within noise"
+            line += f"; vs h2o {mean:+.4f} ± {ci:.4f} per article ({verdict})"
+        lines.append(line)
+    return lines
+
+
+def _fmt(value: object, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def markdown(table: list[dict], points: list[dict]) -> str:
+    head = ("| policy | budget | n | ROUGE-1 | ROUGE-2 (± 95% CI) | ROUGE-L | ROUGE-2 / full | KV MiB peak "
+            "| KV / full | KL (nats) | greedy agreement |")
+    lines = [head, "|" + "---|" * 11]
+    for r in table:
+        lines.append(
+            f"| {r['policy']} | {r['budget']:.0%} | {r['n']} | {_fmt(r['rouge_1'], '.4f')} "
+            f"| {_fmt(r['rouge_2'], '.4f')} ± {_fmt(r['rouge_2_ci95'], '.4f')} | {_fmt(r['rouge_l'], '.4f')} "
+            f"| {_fmt(r['rouge_2_vs_full'], '.0%')} | {r['kv_mib_peak']:.2f} | {r['kv_vs_full']:.0%} "
+            f"| {_fmt(r['kl_mean'], '.3f')} | {_fmt(r['agreement'], '.0%')} |"
+        )
+    fidelity_n = max((r["fidelity_n"] for r in table), default=0)
+    notes = [
+        "",
+        f"KL and greedy agreement: along the full cache's greedy continuation, teacher-forced, on the "
+        f"first {fidelity_n} articles. KV MiB: the peak KV cache per sequence, all layers.",
+        "",
+        "Best policy by ROUGE-2 at each budget:",
+        *best_per_budget(points),
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def plots(folder: Path, table: list[dict]) -> None:
+    policies = sorted({r["policy"] for r in table if r["policy"] != "full"})
+    full = next((r for r in table if r["policy"] == "full"), None)
+    n = max((r["n"] for r in table), default=0)
+    panels = [
+        ("rouge2_vs_budget.png", "rouge_2", f"ROUGE-2 (mean over {n} articles, 95% CI)", "rouge_2_ci95", False),
+        ("kv_vs_budget.png", "kv_mib_peak", "peak KV cache per sequence (MiB)", None, False),
+        ("kl_vs_budget.png", "kl_mean", "KL(full || small cache), nats per token", None, True),
+    ]
+    for filename, key, ylabel, err, log in panels:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for policy in policies:
+            pts = [r for r in table if r["policy"] == policy and r[key] is not None]
+            if not pts:
+                continue
+            xs = [100 * r["budget"] for r in pts]
+            ax.errorbar(xs, [r[key] for r in pts], yerr=[r[err] for r in pts] if err else None,
+                        marker="o", capsize=3, label=policy)
+        if full is not None and full[key] is not None:
+            ax.axhline(full[key], color="black", linestyle="--", label="full cache")
+        ax.set_xticks(sorted({100 * r["budget"] for r in table if r["policy"] != "full"}))
+        ax.set_xlabel("KV budget (% of the prompt's tokens)")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"{folder.name}: {ylabel.split(' (')[0]} vs KV budget")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / filename, dpi=120)
+        plt.close(fig)
+
+
+def write(folder: Path) -> None:
+    points = load(folder)
+    if not points:
+        return
+    table = rows(points)
+    with open(folder / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    (folder / "results.md").write_text(markdown(table, points))
+    plots(folder, table)

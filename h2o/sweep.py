@@ -1,0 +1,183 @@
+"""The lab's experiment: every policy at every KV budget, evaluated by HELM and against the full cache.
+
+    python -m h2o.sweep [--task xsum] [--model smollm2] [--arch llama] [--n 200] ...
+
+Each point (policy, budget) is generated with run_helm.py, scored with HELM (helm/our_run.sh),
+and compared with the full cache by teacher-forced KL and greedy agreement on the first
+`--fidelity_n` articles. A finished point is written to `points/<name>.json` and never
+recomputed; an interrupted one resumes where its results file stops. The report
+(`h2o.report`) is rewritten after every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from h2o import helm_io, models, report
+from h2o.fidelity import against_full
+from h2o.generation import Eviction, Sampling, generate
+from h2o.policies import make_policy
+from h2o.run import encode
+from h2o.run import main as run_helm
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGETS = (0.04, 0.10, 0.20, 0.40, 0.60)
+POLICIES = ("h2o", "local", "sink", "tova", "h2o-avg")
+
+
+@dataclass(frozen=True)
+class Point:
+    policy: str  # a registered policy, or "local" (h2o with no heavy hitters), or "full"
+    budget: float  # share of the prompt kept; 1.0 for the full cache
+
+    @property
+    def name(self) -> str:
+        return "full" if self.policy == "full" else f"{self.policy}-{round(self.budget * 100):02d}"
+
+    def ratios(self) -> tuple[float, float]:
+        """(heavy, recent): H2O splits its budget half and half, as the paper; local is all recent;
+        for sink and tova the two only give the total."""
+        if self.policy in ("h2o", "h2o-avg"):
+            return self.budget / 2, self.budget / 2
+        return 0.0, self.budget
+
+    def run_flags(self) -> list[str]:
+        if self.policy == "full":
+            return []
+        heavy, recent = self.ratios()
+        policy = "h2o" if self.policy == "local" else self.policy
+        return ["--enable_small_cache", "--policy", policy,
+                "--heavy_ratio", repr(heavy), "--recent_ratio", repr(recent)]
+
+    def eviction(self) -> Eviction:
+        heavy, recent = self.ratios()
+        return Eviction(make_policy("h2o" if self.policy == "local" else self.policy, heavy, recent), "drop")
+
+
+def points(policies: list[str], budgets: list[float]) -> list[Point]:
+    return [Point("full", 1.0)] + [Point(p, b) for b in budgets for p in policies]
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).stem if model.endswith(".gguf") else model).strip("_")
+
+
+def _write_json(path: Path, data: object) -> None:
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(data, indent=1))
+    os.replace(staging, path)  # a point file is whole or absent
+
+
+def _helm(results: Path, task: str, arch: str, suite: str, n: int) -> dict:
+    """Score a results file with our_run.sh; HELM's means and per-article ROUGE."""
+    subprocess.run(["bash", str(ROOT / "helm" / "our_run.sh"), str(results), task, arch, suite, str(n)],
+                   check=True, cwd=ROOT / "helm", stdout=subprocess.DEVNULL)
+    run_dir = next((ROOT / "helm" / "benchmark_output" / "runs" / suite).glob("summarization_*"))
+    means = {s["name"]["name"]: s.get("mean") for s in json.loads((run_dir / "stats.json").read_text())
+             if s["name"].get("split") == "test" and not s["name"].get("perturbation")}
+    per_article = {}
+    for instance in json.loads((run_dir / "per_instance_stats.json").read_text()):
+        for stat in instance["stats"]:
+            if stat["name"]["name"] in ("rouge_1", "rouge_2", "rouge_l"):
+                per_article.setdefault(stat["name"]["name"], {})[instance["instance_id"]] = stat["mean"]
+    order = sorted(per_article["rouge_2"], key=lambda i: int(re.sub(r"\D", "", i) or 0))
+    return {
+        **{k: means[k] for k in ("rouge_1", "rouge_2", "rouge_l") if k in means},
+        "per_article": {k: [v[i] for i in order] for k, v in per_article.items()},
+    }
+
+
+def _kv(results: Path) -> dict:
+    lines = [json.loads(line)["result"]["kv_cache"] for line in results.read_text().splitlines()]
+    mean = lambda key: sum(kv[key] for kv in lines) / len(lines)  # noqa: E731
+    return {"kv_bytes_peak": mean("kv_bytes_peak"), "kv_bytes_full": mean("kv_bytes_full")}
+
+
+class Fidelities:
+    """Teacher-forced comparison with the full cache's greedy continuations (computed once)."""
+
+    def __init__(self, folder: Path, args: argparse.Namespace) -> None:
+        self.tokenizer, _ = models.load_tokenizer(args.model, args.arch)
+        self.model = models.load_model(args.model, args.device)
+        requests = helm_io.read_requests(ROOT / "data" / f"{args.task}.jsonl")[: args.fidelity_n]
+        self.prompts = [encode(self.tokenizer, r.prompt, args.chat_template)[0] for r in requests]
+        cached = folder / "fidelity_reference.json"
+        if cached.exists() and len(json.loads(cached.read_text())) == len(self.prompts):
+            self.continuations = json.loads(cached.read_text())
+        else:
+            self.continuations = [
+                generate(self.model, self.tokenizer, [p], [Sampling(max_new_tokens=r.max_tokens, stop=r.stop)])[0].token_ids
+                for p, r in zip(self.prompts, requests)
+            ]
+            _write_json(cached, self.continuations)
+
+    def measure(self, point: Point) -> dict:
+        runs = [against_full(self.model, p, c, point.eviction()) for p, c in zip(self.prompts, self.continuations)]
+        return {"kl_per_article": [r.mean_kl for r in runs], "agreement_per_article": [r.agreement for r in runs]}
+
+
+def sweep(args: argparse.Namespace) -> Path:
+    folder = Path(args.reports) / f"{args.task}-{_slug(args.model)}"
+    (folder / "points").mkdir(parents=True, exist_ok=True)
+    (folder / "results").mkdir(exist_ok=True)
+    todo = points(args.policies, args.budgets)
+    fidelities = None
+    for index, point in enumerate(todo, start=1):
+        done = folder / "points" / f"{point.name}.json"
+        if done.exists() and json.loads(done.read_text()).get("n") == args.n:
+            print(f"[{index}/{len(todo)}] {point.name}: done", flush=True)
+            continue
+        print(f"[{index}/{len(todo)}] {point.name}: generating {args.n} summaries", flush=True)
+        results = folder / "results" / f"{point.name}.jsonl"
+        status = run_helm(["--input_path", str(ROOT / "data" / f"{args.task}.jsonl"), "--output_path", str(results),
+                           "--model_name", args.model, "--model_arch", args.arch, "--sample_num", str(args.n),
+                           "--batch_size", str(args.batch_size), "--chat_template", args.chat_template,
+                           *(["--device", args.device] if args.device else []), *point.run_flags()])
+        if status != 0:
+            raise SystemExit(status)
+        print(f"[{index}/{len(todo)}] {point.name}: HELM evaluation", flush=True)
+        record = {"policy": point.policy, "budget": point.budget, "n": args.n,
+                  **_helm(results, args.task, args.arch, f"sweep-{folder.name}-{point.name}", args.n),
+                  **_kv(results)}
+        if point.policy != "full" and args.fidelity_n > 0:
+            print(f"[{index}/{len(todo)}] {point.name}: fidelity on {args.fidelity_n} articles", flush=True)
+            fidelities = fidelities or Fidelities(folder, args)
+            record.update(fidelities.measure(point))
+        _write_json(done, record)
+        report.write(folder)
+    report.write(folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="xsum")
+    p.add_argument("--model", default=models.DEFAULT_MODEL)
+    p.add_argument("--arch", default="llama")
+    p.add_argument("--n", type=int, default=200, help="articles per point")
+    p.add_argument("--fidelity_n", type=int, default=50, help="articles for KL / agreement (0: skip)")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
+    p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    p.add_argument("--chat_template", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--reports", default=str(ROOT / "reports"), help="folder of the reports")
+    args = p.parse_args(argv)
+    unknown = [x for x in args.policies if x != "local" and x not in report.KNOWN_POLICIES]
+    if unknown or any(not 0 < b <= 1 for b in args.budgets):
+        print(f"sweep: error: unknown --policies {unknown}" if unknown else
+              "sweep: error: --budgets must lie in (0, 1]", file=sys.stderr)
+        return 2
+    print(f"report: {sweep(args)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

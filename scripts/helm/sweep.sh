@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Budget sweep: bash scripts/helm/sweep.sh [task] [model] [model_arch] [h2o.sweep flags...]
+# Full cache, then h2o, local, sink, tova and h2o-avg at 4, 10, 20, 40 and 60% of the prompt,
+# each scored by HELM and against the full cache; report in reports/<task>-<model>/.
+# Resumable: finished points are never recomputed. Flags: --n (articles, 200), --fidelity_n (50),
+# --batch_size, --budgets 0.1,0.2, --policies h2o,local (python -m h2o.sweep --help).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+task=${1:-xsum}
+model=${2:-smollm2}
+model_arch=${3:-llama}
+shift $(( $# < 3 ? $# : 3 ))
+exec "${PYTHON}" -u -m h2o.sweep --task "${task}" --model "${model}" --arch "${model_arch}" "$@"

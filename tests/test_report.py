@@ -1,0 +1,49 @@
+"""The sweep's bookkeeping and report, on made-up points (no model, no HELM)."""
+
+import json
+
+import pytest
+
+from h2o import report
+from h2o.sweep import Point, points
+
+
+def test_points_split_budgets_as_the_paper():
+    assert Point("h2o", 0.2).ratios() == (0.1, 0.1)
+    assert Point("local", 0.2).ratios() == (0.0, 0.2)
+    assert Point("local", 0.2).run_flags()[:3] == ["--enable_small_cache", "--policy", "h2o"]
+    assert Point("sink", 0.04).name == "sink-04" and Point("full", 1.0).run_flags() == []
+    grid = points(["h2o", "local"], [0.1, 0.2])
+    assert [p.name for p in grid] == ["full", "h2o-10", "local-10", "h2o-20", "local-20"]
+
+
+def _point(folder, policy, budget, rouge_2, kv=100.0):
+    record = {"policy": policy, "budget": budget, "n": len(rouge_2), "rouge_1": 0.3, "rouge_2": sum(rouge_2) / len(rouge_2),
+              "rouge_l": 0.2, "per_article": {"rouge_2": rouge_2}, "kv_bytes_peak": kv * 2**20,
+              "kv_bytes_full": 500 * 2**20}
+    if policy != "full":
+        record.update(kl_per_article=[0.5, 1.5], agreement_per_article=[0.5, 1.0])
+    (folder / "points" / f"{Point(policy, budget).name}.json").write_text(json.dumps(record))
+
+
+def test_report_tables_plots_and_a_verdict_on_noise(tmp_path):
+    (tmp_path / "points").mkdir()
+    _point(tmp_path, "full", 1.0, [0.10, 0.12, 0.08, 0.10], kv=500)
+    _point(tmp_path, "h2o", 0.2, [0.08, 0.10, 0.06, 0.08])
+    _point(tmp_path, "sink", 0.2, [0.09, 0.11, 0.07, 0.09])  # +0.01 on every article: a real gain
+    _point(tmp_path, "local", 0.2, [0.20, 0.00, 0.16, 0.0])  # higher mean, all noise
+    _point(tmp_path, "h2o", 0.1, [0.05, 0.05, 0.05, 0.05])
+    report.write(tmp_path)
+    for name in ("results.csv", "results.md", "rouge2_vs_budget.png", "kv_vs_budget.png", "kl_vs_budget.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = {(r["policy"], r["budget"]): r for r in report.rows(report.load(tmp_path))}
+    assert rows[("h2o", 0.2)]["rouge_2_vs_full"] == pytest.approx(0.8)
+    assert rows[("h2o", 0.2)]["kv_vs_full"] == pytest.approx(0.2)
+    assert rows[("h2o", 0.2)]["kl_mean"] == pytest.approx(1.0) and rows[("h2o", 0.2)]["agreement"] == 0.75
+    verdicts = report.best_per_budget(report.load(tmp_path))
+    assert verdicts[0].startswith("- 10%: **h2o**")
+    assert verdicts[1].startswith("- 20%: **local**") and "within noise" in verdicts[1]
+    del_local = tmp_path / "points" / "local-20.json"
+    del_local.unlink()
+    verdicts = report.best_per_budget(report.load(tmp_path))
+    assert verdicts[1].startswith("- 20%: **sink**") and "+0.0100" in verdicts[1] and "beyond noise" in verdicts[1]
