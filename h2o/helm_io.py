@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from h2o import jsonl
 from h2o.generation import Completion
 
 
@@ -53,37 +54,29 @@ def read_requests(path: str | Path) -> list[Request]:
     if not path.is_file():
         raise InputError(f"{path}: no such input file")
     requests = []
-    with path.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{where}: not valid JSON ({error.msg})") from None
-            raw = record.get("request") if isinstance(record, dict) else None
-            if not isinstance(raw, dict):
-                raise InputError(f"{where}: line has no 'request' object")
-            stop = _field(raw, "stop", list, where, default=[])
-            if not all(isinstance(s, str) for s in stop):
-                raise InputError(f"{where}: 'stop' must be a list of strings")
-            request = Request(
-                line=number,
-                raw=raw,
-                prompt=_field(raw, "prompt", str, where),
-                temperature=float(_field(raw, "temperature", float, where)),
-                max_tokens=_field(raw, "max_tokens", int, where),
-                stop=tuple(stop),
-                top_p=float(_field(raw, "top_p", float, where, default=1.0)),
-                n=_field(raw, "n", int, where, default=1),
-                top_logprobs=_field(raw, "top_k_per_token", int, where, default=1),
-            )
-            if request.temperature < 0 or request.max_tokens < 1 or not 0 < request.top_p <= 1:
-                raise InputError(f"{where}: need temperature >= 0, max_tokens >= 1 and 0 < top_p <= 1")
-            if request.n != 1:
-                raise InputError(f"{where}: n={request.n}: only one completion per request is supported")
-            requests.append(request)
+    for number, where, record in jsonl.objects(path, InputError):
+        raw = record.get("request")
+        if not isinstance(raw, dict):
+            raise InputError(f"{where}: line has no 'request' object")
+        stop = _field(raw, "stop", list, where, default=[])
+        if not all(isinstance(s, str) for s in stop):
+            raise InputError(f"{where}: 'stop' must be a list of strings")
+        request = Request(
+            line=number,
+            raw=raw,
+            prompt=_field(raw, "prompt", str, where),
+            temperature=float(_field(raw, "temperature", float, where)),
+            max_tokens=_field(raw, "max_tokens", int, where),
+            stop=tuple(stop),
+            top_p=float(_field(raw, "top_p", float, where, default=1.0)),
+            n=_field(raw, "n", int, where, default=1),
+            top_logprobs=_field(raw, "top_k_per_token", int, where, default=1),
+        )
+        if request.temperature < 0 or request.max_tokens < 1 or not 0 < request.top_p <= 1:
+            raise InputError(f"{where}: need temperature >= 0, max_tokens >= 1 and 0 < top_p <= 1")
+        if request.n != 1:
+            raise InputError(f"{where}: n={request.n}: only one completion per request is supported")
+        requests.append(request)
     if not requests:
         raise InputError(f"{path}: no requests in file")
     return requests

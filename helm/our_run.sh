@@ -36,7 +36,7 @@ if ! command -v helm-run >/dev/null 2>&1 && [[ -x ../.venv/bin/helm-run ]]; then
 fi
 command -v helm-run >/dev/null 2>&1 || die "helm-run not found: make venv, or activate the environment that has crfm-helm"
 PYTHON=$(dirname "$(command -v helm-run)")/python
-export PYTHONPATH="${PWD}${PYTHONPATH:+:${PYTHONPATH}}"  # lab_helm: the results client and tokenizer
+export PYTHONPATH="${PWD}:${PWD%/*}${PYTHONPATH:+:${PYTHONPATH}}"  # lab_helm (results client, tokenizer) and h2o
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1           # nothing below downloads; fail, never fetch
 
 [[ -f ${jsonl} ]] || die "results file ${jsonl} does not exist (run_helm.py --output_path, or pass jsonl=...)"

@@ -71,5 +71,5 @@ def test_offline_setup_is_in_place():
     # helm/setup_offline.sh (run after pip install) must have put the spaCy stand-in and the
     # punkt_tab placeholder into this environment; otherwise HELM downloads them.
     done = subprocess.run([sys.executable, "-m", "lab_helm.offline", "--check"], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT / "helm"), "PATH": "/usr/bin:/bin"})
+                          env={"PYTHONPATH": f"{ROOT / 'helm'}:{ROOT}", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr

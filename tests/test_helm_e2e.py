@@ -89,7 +89,7 @@ def test_generate_then_evaluate_full_h2o_local(tmp_path):
         suites.append(f"xsum-llama-{mode}")
 
     table = subprocess.run([sys.executable, "-m", "lab_helm.table", "--output-path", str(out), *suites],
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "helm")})
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT / 'helm'}:{ROOT}"})
     assert table.returncode == 0, table.stderr
     modes = [line.split("|")[1].strip() for line in table.stdout.splitlines()[2:]]
     assert modes == ["full", "h2o", "local"], table.stdout

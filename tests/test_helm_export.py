@@ -16,7 +16,7 @@ from lab_helm import testing  # noqa: E402
 def test_export_equals_committed_requests(tmp_path):
     out = tmp_path / "xsum.jsonl"
     cut = list(testing.net_cut() or ())
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "helm")}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'helm'}:{ROOT}"}
     done = subprocess.run(
         [*cut, sys.executable, "-m", "lab_helm.export", "--output", str(out), "--log", str(tmp_path / "helm-run.log")],
         env=env, capture_output=True, text=True, timeout=600,

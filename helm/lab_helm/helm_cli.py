@@ -22,9 +22,9 @@ def executable(name: str) -> str:
 
 
 def environment(**extra: str) -> dict[str, str]:
-    """The current environment with helm/ on PYTHONPATH, so HELM can import lab_helm."""
+    """The current environment with helm/ and the repository on PYTHONPATH, so HELM can import lab_helm."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HELM_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(HELM_DIR), str(HELM_DIR.parent)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(extra)
     return env
 

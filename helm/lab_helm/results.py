@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from h2o import jsonl
 from lab_helm.requests import differences, snippet
 
 
@@ -47,24 +48,14 @@ def load(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise ResultsError(f"results file {path} is not a file")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ResultsError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ResultsError(f"{where}: a line must be a JSON object")
-            request, result = record.get("request"), record.get("result")
-            if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
-                raise ResultsError(f"{where}: no 'request' object with a 'prompt'")
-            if not isinstance(result, dict):
-                raise ResultsError(f"{where}: no 'result' object")
-            _check_result(result, where)
-            records.append(Record(number, request, result))
+    for number, where, record in jsonl.objects(path, ResultsError):
+        request, result = record.get("request"), record.get("result")
+        if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
+            raise ResultsError(f"{where}: no 'request' object with a 'prompt'")
+        if not isinstance(result, dict):
+            raise ResultsError(f"{where}: no 'result' object")
+        _check_result(result, where)
+        records.append(Record(number, request, result))
     if not records:
         raise ResultsError(f"results file {path} is empty")
     return records
