@@ -217,11 +217,11 @@ def _kv_report(model, cache, eviction: Eviction | None, row: int, prompt_len: in
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     slot_bytes = 2 * head_dim * model.dtype.itemsize
     per_token = config.num_hidden_layers * config.num_key_value_heads * slot_bytes
+    # The last token's key and value are never written: a full cache peaks one short of the end.
+    full = (prompt_len + max(0, generated - 1)) * per_token
     if eviction is None:
-        # The last token's key and value are never written: the cache peaks one short of the end.
         return {"policy": "full", "mode": "full", "prompt_tokens": prompt_len,
-                "kv_bytes_peak": (prompt_len + max(0, generated - 1)) * per_token,
-                "kv_bytes_full": (prompt_len + max(0, generated - 1)) * per_token}
+                "kv_bytes_peak": full, "kv_bytes_full": full}
     budget = cache.budgets[row]
     return {
         "policy": eviction.policy.name,
@@ -232,5 +232,5 @@ def _kv_report(model, cache, eviction: Eviction | None, row: int, prompt_len: in
         "recent_budget": budget.recent,
         "prompt_tokens": prompt_len,
         "kv_bytes_peak": cache.peak_bytes()[row],
-        "kv_bytes_full": (prompt_len + max(0, generated - 1)) * per_token,
+        "kv_bytes_full": full,
     }
