@@ -54,7 +54,7 @@ def _attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: 
     b, hq, q_len, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     groups = hq // hkv
-    positions, row_valid = cache.query_positions, cache.query_valid
+    positions, row_valid = cache.query_positions.to(query.device), cache.query_valid.to(query.device)
 
     rows = max(1, min(q_len, MAX_SCORE_ELEMENTS // max(1, b * hq * s)))
     received = torch.zeros(b, hkv, s, dtype=torch.float32, device=query.device)

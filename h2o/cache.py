@@ -64,7 +64,7 @@ class EvictingCache(Cache):
 
     def account(self, layer_idx: int, positions: torch.Tensor, bytes_per_slot: int) -> None:
         self.bytes_per_slot = bytes_per_slot
-        self._held[layer_idx] = (positions >= 0).sum(dim=(1, 2))
+        self._held[layer_idx] = (positions >= 0).sum(dim=(1, 2)).to(self._held.device)
         self.peak_slots = torch.maximum(self.peak_slots, self._held.sum(0))
 
     def peak_bytes(self) -> list[int]:
@@ -99,8 +99,9 @@ class EvictingLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         heads, q = key_states.shape[1], key_states.shape[2]
-        valid = self.owner.query_valid
-        positions = self.owner.query_positions.masked_fill(~valid, -1)
+        # With a device_map, layers live on several devices; the batch's bookkeeping on the first.
+        valid = self.owner.query_valid.to(self.device)
+        positions = self.owner.query_positions.to(self.device).masked_fill(~valid, -1)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, positions[:, None].expand(-1, heads, q)], dim=-1)
@@ -122,8 +123,9 @@ class EvictingLayer(CacheLayerMixin):
         owner = self.owner
         scores = owner.policy.accumulate(self.scores, observed)
         self.views = self.views + observed.seen
+        here = self.device
         chosen = owner.policy.select(
-            scores, self.views, self.positions, owner.n_tokens, owner.heavy, owner.recent
+            scores, self.views, self.positions, owner.n_tokens.to(here), owner.heavy.to(here), owner.recent.to(here)
         )
         self.scores = scores * chosen.retained
         self.active = chosen.active

@@ -110,10 +110,14 @@ def load_tokenizer(name: str = DEFAULT_MODEL, arch: str = "llama") -> tuple[PreT
     return AutoTokenizer.from_pretrained(where, **kwargs), config
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
-    """The weights, in eval mode on `device`."""
+def load_model(
+    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32", device_map: str | None = None
+) -> PreTrainedModel:
+    """The weights, in eval mode on `device`, or spread by accelerate's `device_map`."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     where, kwargs = _sources(name)
+    if device_map:
+        return AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], device_map=device_map, **kwargs).eval()
     model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)
     return model.to(device).eval()

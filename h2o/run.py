@@ -10,7 +10,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from h2o import helm_io, models
+from h2o import distributed, helm_io, models
 from h2o.attention import ATTENTION_IMPLEMENTATIONS
 from h2o.cache import KV_MODES
 from h2o.generation import Eviction, Sampling, generate
@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=sorted(models.DTYPES), default="float32")
+    p.add_argument("--device_map", default=None,
+                   help="accelerate's placement across devices, e.g. auto (a model too large for one GPU)")
     p.add_argument("--chat_template", choices=CHAT_TEMPLATE, default="auto",
                    help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
     return p
@@ -65,7 +67,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--k must be >= 0, got {args.k}")
 
 
-def _device(args: argparse.Namespace) -> str:
+def _device(args: argparse.Namespace, ranks: distributed.Ranks) -> str:
+    if ranks.parallel and not args.device and torch.cuda.is_available() and not args.no_cuda:
+        return f"cuda:{ranks.local_rank}"  # one GPU per rank
     if args.device:
         if args.device.startswith("cuda") and (args.no_cuda or not torch.cuda.is_available()):
             raise ValueError(f"--device {args.device}: no CUDA device available")
@@ -95,21 +99,37 @@ def main(argv: list[str] | None = None) -> int:
         policy = (make_policy(args.policy, args.heavy_ratio, args.recent_ratio, **options)
                   if args.enable_small_cache else None)
         requests = helm_io.read_requests(args.input_path)[: args.sample_num]
+        ranks = distributed.Ranks.from_env()
+        device = _device(args, ranks)
+        distributed.start(ranks, device)
+        # Rank 0 repairs a torn last line before the others read the output.
+        done = helm_io.completed_count(args.output_path, requests) if ranks.rank == 0 else 0
+        distributed.barrier(ranks)
         done = helm_io.completed_count(args.output_path, requests)
         if done == len(requests):
             log.info("%s already holds all %d results", args.output_path, done)
             return 0
         if done:
             log.info("resuming: %d of %d requests already in %s", done, len(requests), args.output_path)
-        device = _device(args)
+        todo = requests[done:]
+        mine, output = todo, args.output_path
+        if ranks.parallel:
+            mine, output = ranks.share(todo), ranks.part(args.output_path)
+            mine = mine[helm_io.completed_count(output, mine):]
         tokenizer, config = models.load_tokenizer(args.model_name, args.model_arch)
-        encoded = encode_all(args, tokenizer, config, requests[done:])
+        encoded = encode_all(args, tokenizer, config, mine)
         torch.manual_seed(args.seed)
-        model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype)
-        run(args, model, tokenizer, encoded, policy)
+        model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype,
+                                  args.device_map)
+        run(args, model, tokenizer, encoded, policy, output)
+        distributed.barrier(ranks)
+        if ranks.parallel and ranks.rank == 0:
+            distributed.merge(args.output_path, todo, ranks)
     except (ValueError, FileNotFoundError) as error:
         print(f"run_helm.py: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        distributed.stop(distributed.Ranks.from_env())
     return 0
 
 
@@ -128,11 +148,11 @@ def encode_all(args, tokenizer, config, requests: list[helm_io.Request]) -> list
     return encoded
 
 
-def run(args, model, tokenizer, encoded: list[tuple], policy) -> None:
+def run(args, model, tokenizer, encoded: list[tuple], policy, output: str) -> None:
     eviction = Eviction(policy, args.kv_mode, args.attention) if policy is not None else None
 
     generated, started = 0, time.perf_counter()
-    with helm_io.open_results(args.output_path) as out, tqdm(total=len(encoded), unit="req") as bar:
+    with helm_io.open_results(output) as out, tqdm(total=len(encoded), unit="req") as bar:
         # Batches of similar lengths waste less on padding: sort within a window, then write the
         # window's results in input order (an interrupted run loses at most one window).
         window = args.batch_size * WINDOW_BATCHES
