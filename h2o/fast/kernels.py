@@ -55,9 +55,10 @@ if triton is not None:
         kv = row * D
         scratch = Logits + pid.to(tl.int64) * GP * S
 
-        # Pass 1: logits of every slot (kept in a small scratch row), running max and sum.
-        m = tl.full([GP], -1.0e30, tl.float32)
-        total = tl.zeros([GP], tl.float32)
+        # Pass 1: logits of every slot (kept in a small scratch row), and a running max and sum
+        # per lane of the tile: no reduction across lanes inside the loop.
+        m = tl.full([GP, BS], -1.0e30, tl.float32)
+        total = tl.zeros([GP, BS], tl.float32)
         for start in range(0, S, BS):
             s = start + tl.arange(0, BS)
             s_ok = s < S
@@ -66,27 +67,28 @@ if triton is not None:
             visible = tl.load(Act + row + s, mask=s_ok, other=0) != 0
             logit = tl.where(visible[None, :], logit, float("-inf"))
             tl.store(scratch + g[:, None] * S + s[None, :], logit, mask=s_ok[None, :])
-            m_new = tl.maximum(m, tl.max(logit, axis=1))
-            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
+            m_new = tl.maximum(m, logit)
+            total = total * tl.exp(m - m_new) + tl.exp(logit - m_new)
             m = m_new
+        m_row = tl.max(m, axis=1)
+        inv = 1.0 / tl.sum(total * tl.exp(m - m_row[:, None]), axis=1)
 
-        # Pass 2: probabilities, output, scores, and the window's evictions.
+        # Pass 2: probabilities, output, scores, and the evictions; again per lane until the end.
         t = tl.load(T + b)
         heavy = tl.load(Heavy + b)
         recent = tl.load(Recent + b)
         over = t > heavy + recent
-        inv = 1.0 / total
-        acc = tl.zeros([GP, D], tl.float32)
-        best = float("inf")
-        best_slot = -1
+        acc = tl.zeros([GP, BS, D], tl.float32)
+        best = tl.full([BS], float("inf"), tl.float32)
+        best_slot = tl.zeros([BS], tl.int32)
         for start in range(0, S, BS):
             s = start + tl.arange(0, BS)
             s_ok = s < S
             logit = tl.load(scratch + g[:, None] * S + s[None, :], mask=s_ok[None, :], other=float("-inf"))
-            p = tl.exp(logit - m[:, None]) * inv[:, None]
+            p = tl.exp(logit - m_row[:, None]) * inv[:, None]
             p = tl.where(g_ok[:, None], p, 0.0)
             v = tl.load(V + kv + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
-            acc += tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            acc += p[:, :, None] * v[None, :, :]
             pos = tl.load(Pos + row + s, mask=s_ok, other=-1)
             present = pos >= 0
             # Without heavy hitters the cache keeps the window alone: drop what left it.
@@ -100,18 +102,20 @@ if triton is not None:
                 score = tl.where(keep, score, 0.0)
                 tl.store(Sc + row + s, score, mask=s_ok)
                 ranked = tl.where(present & (pos < t - recent), score, float("inf"))
-                low = tl.min(ranked, axis=0)
-                low_slot = start + tl.argmin(ranked, axis=0)
-                best_slot = tl.where(low < best, low_slot, best_slot)
-                best = tl.minimum(best, low)
+                lower = ranked < best  # strict: a lane keeps its earliest slot among equals
+                best = tl.where(lower, ranked, best)
+                best_slot = tl.where(lower, s, best_slot)
         tl.store(Out + b * stride_ob + (kv_head * G + g)[:, None] * stride_oh + d[None, :],
-                 acc.to(Out.dtype.element_ty), mask=g_ok[:, None])
+                 tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=g_ok[:, None])
         if HAS_HEAVY:
-            # Once over budget, exactly one heavy candidate too many: the lowest-scored goes.
-            evict = over & (heavy > 0) & (best < float("inf"))
-            tl.store(Pos + row + best_slot, -1, mask=evict)
-            tl.store(Act + row + best_slot, 0, mask=evict)
-            tl.store(Sc + row + best_slot, 0.0, mask=evict)
+            # Once over budget, exactly one heavy candidate too many: the lowest-scored goes
+            # (the first slot among equals, as torch's argmin).
+            low = tl.min(best, axis=0)
+            slot = tl.min(tl.where(best == low, best_slot, S), axis=0)
+            evict = over & (heavy > 0) & (low < float("inf"))
+            tl.store(Pos + row + slot, -1, mask=evict)
+            tl.store(Act + row + slot, 0, mask=evict)
+            tl.store(Sc + row + slot, 0.0, mask=evict)
 
     @triton.jit
     def _row_lse_kernel(
@@ -165,6 +169,11 @@ if triton is not None:
         tl.store(Received + pid_bh.to(tl.int64) * N + cols, acc, mask=cols < N)
 
 
+# Tuning of the kernels on an H100 (benchmarks/kernels.py, benchmarks/NOTES.md).
+DECODE_BLOCK, DECODE_WARPS = 32, 4
+PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 2
+
+
 def decode_step(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -177,39 +186,53 @@ def decode_step(
     recent: torch.Tensor,
     scaling: float,
     has_heavy: bool,
+    block: int = DECODE_BLOCK,
+    warps: int = DECODE_WARPS,
 ) -> torch.Tensor:
     """Attention output (B, Hq, 1, D) of one decode step; updates positions, active and scores in
     place for the next step. keys/values: (B, Hkv, S, D) contiguous; positions int32, active bool,
-    scores float32, all (B, Hkv, S); n_tokens, heavy, recent: (B,)."""
+    scores float32, all (B, Hkv, S); n_tokens, heavy, recent: (B,). `block` (slots per tile, for
+    one query head per KV head) and `warps` are tuning knobs."""
     b, hq, _, d = query.shape
     hkv, s = keys.shape[1], keys.shape[2]
     groups = hq // hkv
     padded = triton.next_power_of_2(groups)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
     out = query.new_empty(b, hq, 1, d)
     logits = torch.empty(b * hkv * padded * s, dtype=torch.float32, device=query.device)
-    # The (groups, slots, head_dim) product lives in registers: fewer slots per tile for more groups.
-    block = max(16, 64 // padded)
+    # The (groups, slots, head_dim) accumulator lives in registers: fewer slots per tile for more groups.
+    block = max(1, block // padded)
     _decode_kernel[(b * hkv,)](
         query, keys, values, positions, active.view(torch.uint8), scores, n_tokens, heavy, recent, out, logits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         s, hkv, scaling,
-        G=groups, GP=padded, D=d, BS=block, HAS_HEAVY=has_heavy, num_warps=4,
+        G=groups, GP=padded, D=d, BS=block, HAS_HEAVY=has_heavy, num_warps=warps,
     )
     return out
 
 
-def prefill_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+def prefill_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    block_m: int = PREFILL_BLOCK_M,
+    block_n: int = PREFILL_BLOCK_N,
+    warps: int = PREFILL_WARPS,
+    stages: int = PREFILL_STAGES,
+) -> torch.Tensor:
     """(B, Hkv, N) attention received by each key of a causal, unpadded prompt, summed over the
-    query rows and the query heads sharing the KV head. query (B, Hq, N, D), key (B, Hkv, N, D)."""
+    query rows and the query heads sharing the KV head. query (B, Hq, N, D), key (B, Hkv, N, D).
+    Blocks (query rows, keys), warps and pipeline stages are tuning knobs."""
+    if query.stride(-1) != 1 or key.stride(-1) != 1:
+        query, key = query.contiguous(), key.contiguous()
     b, hq, n, d = query.shape
     hkv = key.shape[1]
     lse = torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
     received = torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
-    block = 64
-    grid = (b * hq, triton.cdiv(n, block))
     strides = (*query.stride()[:3], *key.stride()[:3])
-    _row_lse_kernel[grid](query, key, lse, *strides, n, hq, scaling,
-                          G=hq // hkv, D=d, BM=block, BN=block, num_warps=4)
-    _column_sum_kernel[grid](query, key, lse, received, *strides, n, hq, scaling,
-                             G=hq // hkv, D=d, BM=block, BN=block, num_warps=4)
+    options = dict(G=hq // hkv, D=d, BM=block_m, BN=block_n, num_warps=warps, num_stages=stages)
+    _row_lse_kernel[(b * hq, triton.cdiv(n, block_m))](query, key, lse, *strides, n, hq, scaling, **options)
+    _column_sum_kernel[(b * hq, triton.cdiv(n, block_n))](query, key, lse, received, *strides, n, hq, scaling,
+                                                          **options)
     return received.view(b, hkv, hq // hkv, n).sum(2)
