@@ -169,7 +169,7 @@ if triton is not None:
         tl.store(Received + pid_bh.to(tl.int64) * N + cols, acc, mask=cols < N)
 
 
-# Tuning of the kernels on an H100 (benchmarks/kernels.py, benchmarks/NOTES.md).
+# Tuning of the kernels on an H100 (benchmarks/kernel_timings.py, benchmarks/NOTES.md).
 DECODE_BLOCK, DECODE_WARPS = 32, 4
 PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 2
 

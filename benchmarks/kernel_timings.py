@@ -1,7 +1,7 @@
 """The Triton kernels of `h2o.fast` on one GPU: checked against torch first, then timed over a
 grid of tuning knobs; and where a prefill slice's time goes (4 layers of the LLaMA-7B shape).
 
-    python benchmarks/kernels.py
+    python benchmarks/kernel_timings.py
 """
 
 from __future__ import annotations
