@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results", help="folder for the .json and .md results")
     p.add_argument("--label", default="gpu", help="file-name suffix, e.g. the card")
     p.add_argument("--policies", default="full,h2o,local", help="comma list of full, h2o, local")
-    p.add_argument("--batches", default="1,8,32", help="batches run besides the largest that fits")
+    p.add_argument("--batches", default="1,8,32,128", help="fast-path batches besides the largest that fits")
+    p.add_argument("--full-batches", default="1,8,32", help="full-cache batches, then +8 until out of memory")
     p.add_argument("--no-max", action="store_true", help="skip the search for the largest batch")
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--new", type=int, default=128, help="new tokens per sequence")
@@ -58,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="", help="comma list of batches: time eager and graph decode steps")
     p.add_argument("--peer-cmd", default="", help="shell command running the kvpress peer script")
     p.add_argument("--peer-batches", default="1,8,32,64,128,192,256")
+    p.add_argument("--render", nargs="+", default=[], metavar="JSON",
+                   help="no runs: merge these results files (e.g. a peers run and ours) into one table")
     return p
 
 
@@ -250,21 +253,22 @@ def _step_ms(decoder: FastDecoder, steps: int) -> float:
 
 
 def peers(args: argparse.Namespace) -> list[dict]:
-    """The kvpress script in its own process (its own transformers), one JSON object a line."""
+    """The kvpress script in its own process (its own transformers), one JSON object a line,
+    echoed as it comes."""
     env = dict(os.environ, PROMPT=str(args.prompt), GEN=str(args.new), BS=args.peer_batches)
-    proc = subprocess.run(args.peer_cmd, shell=True, env=env, capture_output=True, text=True)
-    print(proc.stdout[-20000:], proc.stderr[-3000:], sep="\n", flush=True)
     rows = []
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            rows.append(json.loads(line))
+    with subprocess.Popen(args.peer_cmd, shell=True, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            if line.startswith("{"):
+                rows.append(json.loads(line))
     return rows
 
 
 def run_policy(bench: Bench, name: str, args: argparse.Namespace) -> list[dict]:
     rows = []
     run = bench.full if name == "full" else (lambda b: bench.fast(name, b))
-    batches = [int(b) for b in args.batches.split(",") if b]
+    batches = [int(b) for b in (args.full_batches if name == "full" else args.batches).split(",") if b]
     for batch in batches:
         try:
             rows.append(run(batch))
@@ -337,10 +341,35 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def render(paths: list[str], out: Path, label: str) -> None:
+    """One table from several results files of one device session: environment, bandwidth and
+    our rows from the last file that has rows, peers from any."""
+    merged: dict = {"sources": paths, "rows": [], "profiles": []}
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        for key in ("peers", "peer_env"):
+            if results.get(key):
+                merged[key] = results[key]
+        if results.get("rows"):
+            merged.update({k: v for k, v in results.items() if k not in ("peers", "peer_env")})
+        merged.setdefault("env", results["env"])
+        merged.setdefault("copy_bandwidth_GBs", results["copy_bandwidth_GBs"])
+        merged.setdefault("prompt", results["prompt"])
+        merged.setdefault("new", results["new"])
+    stem = out / f"{merged['env']['date'][:10]}-{label}"
+    stem.with_suffix(".json").write_text(json.dumps(merged, indent=1) + "\n")
+    text = table(merged)
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
 def main() -> int:
     args = parser().parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        render(args.render, out, args.label)
+        return 0
     results = {"env": environment(), "prompt": args.prompt, "new": args.new, "layers": args.layers,
                "command": " ".join(shlex.quote(a) for a in sys.argv)}
     print(json.dumps(results["env"]), flush=True)
@@ -350,19 +379,21 @@ def main() -> int:
         rows = peers(args)
         results["peer_env"] = next((r for r in rows if "policy" not in r), {})
         results["peers"] = [r for r in rows if "policy" in r]
-    model = build_model(args.layers)
-    bench = Bench(model, args, results["copy_bandwidth_GBs"] * 1e9)
-    # Compile the kernels outside the timings (same prompt length: same specializations).
-    for name in POLICIES:
-        generate_fast(model, prompts(1, args.prompt).tolist(), 4, make_policy("h2o", *POLICIES[name]))
-    results["rows"] = []
-    for name in args.policies.split(","):
-        results["rows"] += run_policy(bench, name, args)
-    results["profiles"] = []
-    for batch in [int(b) for b in args.profile.split(",") if b]:
-        for name in ("h2o", "local"):
-            results["profiles"].append(bench.profile(name, batch))
-            print(results["profiles"][-1].pop("profile", ""), flush=True)
+    results["rows"], results["profiles"] = [], []
+    policies = [p for p in args.policies.split(",") if p]
+    profiles = [int(b) for b in args.profile.split(",") if b]
+    if policies or profiles:
+        model = build_model(args.layers)
+        bench = Bench(model, args, results["copy_bandwidth_GBs"] * 1e9)
+        # Compile the kernels outside the timings (same prompt length: same specializations).
+        for name in POLICIES:
+            generate_fast(model, prompts(1, args.prompt).tolist(), 4, make_policy("h2o", *POLICIES[name]))
+        for name in policies:
+            results["rows"] += run_policy(bench, name, args)
+        for batch in profiles:
+            for name in POLICIES:
+                results["profiles"].append(bench.profile(name, batch))
+                print(results["profiles"][-1].pop("profile", ""), flush=True)
     stem = out / f"{datetime.date.today().isoformat()}-{args.label}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     text = table(results)

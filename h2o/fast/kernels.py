@@ -170,7 +170,7 @@ if triton is not None:
 
 
 # Tuning of the kernels on an H100 (benchmarks/kernel_timings.py, benchmarks/NOTES.md).
-DECODE_BLOCK, DECODE_WARPS = 32, 4
+DECODE_BLOCK, DECODE_WARPS = 32, 1
 PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_WARPS, PREFILL_STAGES = 64, 64, 4, 2
 
 
