@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         device = _device(args, ranks)
         distributed.start(ranks, device)
         # Rank 0 repairs a torn last line before the others read the output.
-        done = helm_io.completed_count(args.output_path, requests) if ranks.rank == 0 else 0
+        done = helm_io.completed_count(args.output_path, requests) if ranks.rank == 0 else None
         distributed.barrier(ranks)
-        done = helm_io.completed_count(args.output_path, requests)
+        if done is None:
+            done = helm_io.completed_count(args.output_path, requests)
         if done == len(requests):
             log.info("%s already holds all %d results", args.output_path, done)
             return 0
