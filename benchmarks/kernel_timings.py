@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from h2o.fast import FastDecoder, kernels  # noqa: E402
 from h2o.policies import make_policy  # noqa: E402
 
 
-def timed(fn, reps: int = 30) -> float:
+def timed(fn: Callable[[], object], reps: int = 30) -> float:
     """Median milliseconds of `fn` over CUDA events, after 3 warm-up calls."""
     for _ in range(3):
         fn()
@@ -57,7 +58,7 @@ def steady_state(batch: int, heads: int, heavy: int, recent: int, dim: int, seen
     }
 
 
-def check_decode(query: torch.Tensor, state: dict, scaling: float, **knobs) -> tuple[float, bool]:
+def check_decode(query: torch.Tensor, state: dict, scaling: float, **knobs: int) -> tuple[float, bool]:
     """Relative error of the output, and whether every evicted slot is torch's argmin."""
     s = {k: v.clone() for k, v in state.items()}
     out = kernels.decode_step(query, s["keys"], s["values"], s["positions"], s["active"], s["scores"],

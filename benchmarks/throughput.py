@@ -304,6 +304,46 @@ def run_policy(bench: Bench, name: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _best(rows: list[dict], policy: str, key: str) -> dict | None:
+    done = [r for r in rows if r.get("policy") == policy and key in r]
+    return max(done, key=lambda r: r[key]) if done else None
+
+
+def summary(results: dict) -> list[str]:
+    """The comparisons the benchmark exists for, computed from the rows above."""
+    rows = results.get("rows", [])
+    peers = [dict(r, batch=r["bs"]) for r in results.get("peers", []) if "bs" in r]
+    h2o_decode, h2o_e2e = _best(rows, "h2o", "decode_tok_s"), _best(rows, "h2o", "e2e_tok_s")
+    if h2o_decode is None:
+        return []
+    lines = ["", "Summary:", ""]
+    largest = max(r["batch"] for r in rows if r.get("policy") == "h2o" and "decode_tok_s" in r)
+    lines.append(f"- h2o's largest batch: {largest}.")
+    full = _best(rows, "full", "decode_tok_s")
+    if full:
+        lines.append(f"- h2o's best decode, {h2o_decode['decode_tok_s']:,} tok/s (batch {h2o_decode['batch']}), is "
+                     f"{h2o_decode['decode_tok_s'] / full['decode_tok_s']:.1f}x the full cache's best, "
+                     f"{full['decode_tok_s']:,} (batch {full['batch']}).")
+    for name in sorted({r["policy"] for r in peers}):
+        decode, e2e = _best(peers, name, "decode_tok_s"), _best(peers, name, "e2e_tok_s")
+        if decode:
+            who = "the peer script's full cache" if name == "full" else f"kvpress {name}"
+            lines.append(f"- against {who} at its best: decode {h2o_decode['decode_tok_s'] / decode['decode_tok_s']:.2f}x "
+                         f"({decode['decode_tok_s']:,}, batch {decode['batch']}), end to end "
+                         f"{h2o_e2e['e2e_tok_s'] / e2e['e2e_tok_s']:.2f}x ({e2e['e2e_tok_s']:,}, batch {e2e['batch']}).")
+    for other in ("local", "full"):
+        same = []
+        for r in rows:
+            twin = next((o for o in rows if o.get("policy") == other and o.get("batch") == r.get("batch")
+                         and "decode_s" in o), None)
+            if r.get("policy") == "h2o" and "decode_s" in r and twin:
+                same.append(f"{r['batch']}: {r['decode_s'] / twin['decode_s'] - 1:+.1%}")
+        if same:
+            lines.append(f"- h2o's decode time over {other}'s at the same batch: {', '.join(same)}.")
+    lines.append(f"- decode at h2o's best batch: {h2o_decode['floor_fraction']:.0%} of the bandwidth floor.")
+    return lines
+
+
 def table(results: dict) -> str:
     lines = [
         f"{results['env']['card']}, torch {results['env']['torch']}, transformers "
@@ -324,7 +364,9 @@ def table(results: dict) -> str:
             f"{r['e2e_tok_s']:,} | {r['peak_GiB']} | {r['kv_GiB']} | {r['kv_MiB_per_seq']} | {r['floor_fraction']} |"
         )
     if results.get("peers"):
-        lines += ["", f"Peers (kvpress script, {results.get('peer_env', {})}):", "",
+        peer = results.get("peer_env", {})
+        lines += ["", f"Peers: kvpress {peer.get('kvpress')}, transformers {peer.get('transformers')}, "
+                  f"attention {peer.get('attn')}, same torch and card:", "",
                   "| policy | batch | prefill s | decode tok/s | end-to-end tok/s | peak GB |", "|---|---|---|---|---|---|"]
         for r in results["peers"]:
             if "policy" not in r:
@@ -334,6 +376,7 @@ def table(results: dict) -> str:
             else:
                 lines.append(f"| {r['policy']} | {r['bs']} | {r['prefill_s']} | {r['decode_tok_s']:,} | "
                              f"{r['e2e_tok_s']:,} | {r['peak_GB']} |")
+    lines += summary(results)
     for p in results.get("profiles", []):
         lines += ["", f"Decode step, {p['policy']} at batch {p['batch']}: eager {p['eager_ms_torch']} ms (torch) / "
                   f"{p['eager_ms_kernels']} ms (kernels); CUDA graph {p['graph_ms_torch']} ms (torch) / "

@@ -109,7 +109,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 @pytest.mark.parametrize("ratios", H2O_AND_LOCAL)
-def test_kernels_and_cuda_graph_give_the_torch_paths_tokens(tokenizer, ratios):
+def test_on_cuda_kernels_and_graphs_give_the_reference_tokens(tokenizer, ratios):
     from conftest import tiny_llama
 
     if not kernels.available(torch.device("cuda")):

@@ -10,13 +10,18 @@ Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
   selection (`Policy.select`, the paper's recent window + heavy hitters, including the token
   that sits out one step after leaving the window). Slots are not kept in position order, so
   sums run in another order: results agree to rounding, and greedy tokens agree unless two
-  logits or two scores tie to within it.
+  logits or two scores tie to within it. Exactly equal scores (a token repeated with the
+  same attention) are broken by slot order here and by top-k's order in the reference.
 - Memory: each (layer, sequence, KV head) holds exactly heavy + recent + 1 slots of the
   largest budget in the batch, allocated once. The prompt is prefilled `prefill_rows`
   sequences at a time and compacted layer by layer, so the full-length keys and values of
   one layer of one slice are the most that ever exist at once.
-- Policies: any `Policy` that keeps the base class's `select`; the Triton kernels further
-  need H2O's own `accumulate` and `rank` (otherwise torch operations do the same work).
+- Policies: any `Policy` that keeps the base class's `select` (h2o, local, h2o-avg, sink,
+  tova); the Triton kernels further need H2O's own `accumulate`, `rank` and parked leaving
+  token (otherwise torch operations do the same work).
+- Arithmetic: without the kernels (on the CPU, say) each pass goes through the reference
+  attention of `h2o.attention` over the slots, so scores and outputs are the reference's own
+  arithmetic; only the eviction differs in form (an argmin instead of a top-k).
 - Models: those whose attention goes through transformers' `AttentionInterface` with a
   `Cache` (the LLaMA family); the cache reaches the attention as the `eviction_cache` keyword.
 - On CUDA the decode step (model, eviction and argmax) is captured once as a CUDA graph and

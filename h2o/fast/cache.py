@@ -102,7 +102,6 @@ class FastLayer(CacheLayerMixin):
     (attended by the next query), scores and views (float32): (B, H, S)."""
 
     is_sliding = False
-    is_compileable = True
 
     def __init__(self, owner: FastCache, layer_idx: int) -> None:
         super().__init__()
@@ -249,8 +248,18 @@ class FastLayer(CacheLayerMixin):
         return self.owner.capacity
 
 
-def fast_eviction_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Attention over a `FastCache` layer: the prefill of a slice, or one decode step."""
+def fast_eviction_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention over a `FastCache` layer: the prefill of a slice, or one decode step. The
+    attention mask is unused: the cache's positions say what each query may see."""
     cache = kwargs.get("eviction_cache")
     if not isinstance(cache, FastCache):
         raise RuntimeError("h2o_fast attention needs the model call to pass eviction_cache=<FastCache>")
