@@ -49,7 +49,8 @@ def _probabilities(
     return F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
 
 
-def _attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: bool):
+def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: bool):
+    """Attention over one `EvictingCache` layer's slots; hands the layer what each slot received."""
     layer = cache.layers[module.layer_idx]
     b, hq, q_len, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
@@ -98,12 +99,12 @@ def _checked_cache(kwargs: dict) -> EvictingCache:
 
 def eager_eviction_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Eager attention over an `EvictingCache` layer (the paper's arithmetic)."""
-    return _attend(module, query, key, value, scaling, _checked_cache(kwargs), use_sdpa=False)
+    return attend(module, query, key, value, scaling, _checked_cache(kwargs), use_sdpa=False)
 
 
 def sdpa_eviction_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """SDPA output over an `EvictingCache` layer, with the policy's scores computed beside it."""
-    return _attend(module, query, key, value, scaling, _checked_cache(kwargs), use_sdpa=True)
+    return attend(module, query, key, value, scaling, _checked_cache(kwargs), use_sdpa=True)
 
 
 ATTENTION_IMPLEMENTATIONS = {"eager": "h2o_eager", "sdpa": "h2o_sdpa"}

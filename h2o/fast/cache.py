@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from h2o.attention import _attend
+from h2o.attention import attend
 from h2o.fast import kernels
 from h2o.policies import Observation, Policy
 
@@ -266,7 +266,7 @@ def fast_eviction_attention(
     layer = cache.layers[module.layer_idx]
     prefill = cache.rows is not None
     if not cache.use_kernels or (prefill and not cache.unpadded):
-        return _attend(module, query, key, value, scaling, cache, use_sdpa=False)
+        return attend(module, query, key, value, scaling, cache, use_sdpa=False)
     out = layer.prefill(query, key, value, scaling) if prefill else layer.decode(query, scaling)
     return out.transpose(1, 2).contiguous(), None
 
