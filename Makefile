@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Articles for `make lab`; LAB_N=500 runs the whole vendored XSUM sample.
-LAB_N ?= 20
+LAB_N ?= 10
 LAB_BATCH ?= 4
 
 .PHONY: venv lab test clean-lab
