@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from h2o.policies import POLICIES  # noqa: E402
 
@@ -109,17 +110,18 @@ def plots(folder: Path, table: list[dict]) -> None:
     full = next((r for r in table if r["policy"] == "full"), None)
     n = max((r["n"] for r in table), default=0)
     panels = [
-        ("rouge2_vs_budget.png", "rouge_2", f"ROUGE-2 (mean over {n} articles, 95% CI)", "rouge_2_ci95", False),
-        ("kv_vs_budget.png", "kv_mib_peak", "peak KV cache per sequence (MiB)", None, False),
-        ("kl_vs_budget.png", "kl_mean", "KL(full || small cache), nats per token", None, True),
+        ("rouge2_vs_budget.png", "ROUGE-2", "rouge_2", f"ROUGE-2, mean of {n} articles (95% CI)", "rouge_2_ci95", False),
+        ("kv_vs_budget.png", "Peak KV cache", "kv_mib_peak", "peak KV cache per sequence (MiB)", None, False),
+        ("kl_vs_budget.png", "KL to the full cache", "kl_mean", "KL(full || small cache), nats per token", None, True),
     ]
-    for filename, key, ylabel, err, log in panels:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for policy in policies:
+    for filename, title, key, ylabel, err, log in panels:
+        fig, ax = plt.subplots(figsize=(7.6, 4.2))
+        for i, policy in enumerate(policies):
             pts = [r for r in table if r["policy"] == policy and r[key] is not None]
             if not pts:
                 continue
-            xs = [100 * r["budget"] for r in pts]
+            # A small sideways shift per policy keeps the error bars apart.
+            xs = [100 * r["budget"] + 0.25 * (i - (len(policies) - 1) / 2) for r in pts]
             ax.errorbar(xs, [r[key] for r in pts], yerr=[r[err] for r in pts] if err else None,
                         marker="o", capsize=3, label=policy)
         if full is not None and full[key] is not None:
@@ -129,9 +131,11 @@ def plots(folder: Path, table: list[dict]) -> None:
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
-        ax.set_title(f"{folder.name}: {ylabel.split(' (')[0]} vs KV budget")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_title(f"{title} vs KV budget ({folder.name})")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(folder / filename, dpi=120)
         plt.close(fig)
