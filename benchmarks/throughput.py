@@ -385,7 +385,7 @@ def table(results: dict) -> str:
 
 
 def render(paths: list[str], out: Path, label: str) -> None:
-    """One table from several results files of one device session: environment, bandwidth and
+    """One table from several results files of one run on one card: environment, bandwidth and
     our rows from the last file that has rows, peers from any."""
     merged: dict = {"sources": paths, "rows": [], "profiles": []}
     for path in paths:
