@@ -28,6 +28,12 @@ from h2o.run import encode
 from h2o.run import main as run_helm
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "helm"))  # lab_helm: where HELM's output lives and how to read it
+
+from lab_helm.evaluate import stat_means  # noqa: E402
+from lab_helm.helm_cli import run_dir  # noqa: E402
+from lab_helm.paths import BENCHMARK_OUTPUT  # noqa: E402
+
 BUDGETS = (0.04, 0.10, 0.20, 0.40, 0.60)
 POLICIES = ("h2o", "local", "sink", "tova", "h2o-avg")
 
@@ -79,11 +85,13 @@ def _helm(results: Path, task: str, arch: str, suite: str, n: int) -> dict:
     """Score a results file with our_run.sh; HELM's means and per-article ROUGE."""
     subprocess.run(["bash", str(ROOT / "helm" / "our_run.sh"), str(results), task, arch, suite, str(n)],
                    check=True, cwd=ROOT / "helm", stdout=subprocess.DEVNULL)
-    run_dir = next((ROOT / "helm" / "benchmark_output" / "runs" / suite).glob("summarization_*"))
-    means = {s["name"]["name"]: s.get("mean") for s in json.loads((run_dir / "stats.json").read_text())
-             if s["name"].get("split") == "test" and not s["name"].get("perturbation")}
+    return _scores(run_dir(BENCHMARK_OUTPUT, suite))
+
+
+def _scores(run: Path) -> dict:
+    means = stat_means(run / "stats.json")
     per_article = {}
-    for instance in json.loads((run_dir / "per_instance_stats.json").read_text()):
+    for instance in json.loads((run / "per_instance_stats.json").read_text()):
         for stat in instance["stats"]:
             if stat["name"]["name"] in ("rouge_1", "rouge_2", "rouge_l"):
                 per_article.setdefault(stat["name"]["name"], {})[instance["instance_id"]] = stat["mean"]
