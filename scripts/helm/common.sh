@@ -1,5 +1,5 @@
-# Shared by full.sh, h2o.sh and local.sh: `run_mode NAME ARGS...` after `parse_args "$@"`.
-# Usage of those scripts: [task] [model] [model_arch] [extra run_helm.py flags...]
+# Shared by full.sh, h2o.sh, local.sh (`run_mode NAME ARGS...` after `parse_args "$@"`) and sweep.sh.
+# Usage of full, h2o and local: [task] [model] [model_arch] [extra run_helm.py flags...]
 # Defaults: xsum, the embedded SmolLM2-135M-Instruct, llama. Output: <task>-<model_arch>-<mode>.jsonl
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."

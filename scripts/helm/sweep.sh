@@ -4,9 +4,7 @@
 # each scored by HELM and against the full cache; report in reports/<task>-<model>/.
 # Resumable: finished points are never recomputed. Flags: --n (articles, 200), --fidelity_n (50),
 # --batch_size, --budgets 0.1,0.2, --policies h2o,local (python -m h2o.sweep --help).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+source "$(dirname "$0")/common.sh"  # repository root, PYTHON
 task=${1:-xsum}
 model=${2:-smollm2}
 model_arch=${3:-llama}
