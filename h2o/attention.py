@@ -32,21 +32,35 @@ MAX_SCORE_ELEMENTS = 1 << 28
 
 
 def _probabilities(
-    query: torch.Tensor, key: torch.Tensor, visible: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, hidden: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """(B, Hkv, G, q, S) softmax probabilities, with the paper's operation order."""
+    """(B, Hkv, G, q, S) float32 softmax probabilities, with the paper's operation order."""
     b, hkv, s, d = key.shape
     groups = query.shape[1] // hkv
     q_len = query.shape[2]
     grouped = query.reshape(b, hkv, groups * q_len, d)
     logits = torch.matmul(grouped, key.transpose(2, 3))
     if math.isclose(scaling, d**-0.5, rel_tol=1e-12):
-        logits = logits / math.sqrt(d)
+        logits.div_(math.sqrt(d))
     else:
-        logits = logits * scaling
+        logits.mul_(scaling)
     logits = logits.view(b, hkv, groups, q_len, s)
-    logits = logits.masked_fill(~visible[:, :, None], torch.finfo(logits.dtype).min)
-    return F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    logits.masked_fill_(hidden[:, :, None], torch.finfo(logits.dtype).min)
+    return F.softmax(logits, dim=-1, dtype=torch.float32)
+
+
+def _hidden(slot_positions: torch.Tensor, active: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    """(B, H, q, S): the slots each query row may not attend to (inactive, or in its future)."""
+    return ~active[:, :, None, :] | (slot_positions[:, :, None, :] > query_positions[:, None, :, None])
+
+
+def _seen(slot_positions: torch.Tensor, active: torch.Tensor, query_positions: torch.Tensor,
+          row_valid: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H, S): how many (real query row, query head) pairs could attend to each slot, i.e.
+    an active slot's count of real rows at or after its position (no (q, S) tensor needed)."""
+    rows = torch.where(row_valid, query_positions, -1).sort(dim=-1).values  # padding sorts first
+    later = rows.shape[-1] - torch.searchsorted(rows, slot_positions.flatten(1).to(rows.dtype), side="left")
+    return (later.view_as(slot_positions) * active * groups).float()
 
 
 def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: bool):
@@ -56,36 +70,35 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
     hkv, s = key.shape[1], key.shape[2]
     groups = hq // hkv
     positions, row_valid = cache.query_positions.to(query.device), cache.query_valid.to(query.device)
+    slot_positions, active = layer.columns()
 
     rows = max(1, min(q_len, MAX_SCORE_ELEMENTS // max(1, b * hq * s)))
-    received = torch.zeros(b, hkv, s, dtype=torch.float32, device=query.device)
-    seen = torch.zeros_like(received)
+    received = torch.zeros(b, hkv, 1, s, dtype=torch.float32, device=query.device)
     outputs = []
     for start in range(0, q_len, rows):
         stop = min(q_len, start + rows)
-        visible = layer.visible(positions[:, start:stop])
-        probs = _probabilities(query[:, :, start:stop], key, visible, scaling)
+        hidden = _hidden(slot_positions, active, positions[:, start:stop])
+        probs = _probabilities(query[:, :, start:stop], key, hidden, scaling)
         if use_sdpa:
             out = F.scaled_dot_product_attention(
                 query[:, :, start:stop],
                 key,
                 value,
-                attn_mask=visible.repeat_interleave(groups, dim=1),
+                attn_mask=~hidden.repeat_interleave(groups, dim=1),
                 scale=scaling,
                 enable_gqa=groups > 1,
             )
         else:
-            out = torch.matmul(probs.reshape(b, hkv, groups * (stop - start), s), value)
+            out = torch.matmul(probs.to(query.dtype).view(b, hkv, groups * (stop - start), s), value)
             out = out.view(b, hq, stop - start, d)
         outputs.append(out)
-        # Padded query rows attend to garbage and must not vote.
-        rows_valid = row_valid[:, None, None, start:stop, None]
-        probs = probs * rows_valid.to(probs.dtype)
-        received += probs.sum(dim=3).sum(dim=2).float()
-        seen += (visible & rows_valid[:, :, 0]).sum(dim=2) * groups
+        # Padded query rows attend to garbage and must not vote: a weighted sum over the rows.
+        weights = row_valid[:, start:stop].float().repeat(1, groups)[:, None, None].expand(b, hkv, 1, -1)
+        received += torch.matmul(weights, probs.view(b, hkv, groups * (stop - start), s))
     # Left padding puts every sequence's newest token in the last row.
-    newest = probs[:, :, :, -1].sum(dim=2).float()
-    layer.observe(Observation(received=received, newest=newest, seen=seen))
+    newest = probs[:, :, :, -1].sum(dim=2)
+    seen = _seen(slot_positions, active, positions, row_valid, groups)
+    layer.observe(Observation(received=received[:, :, 0], newest=newest, seen=seen))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 

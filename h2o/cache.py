@@ -112,11 +112,9 @@ class EvictingLayer(CacheLayerMixin):
         self._account()
         return self.keys, self.values
 
-    def visible(self, query_positions: torch.Tensor) -> torch.Tensor:
-        """(B, H, q, S): which slots each query row may attend to (active, and not in its future)."""
-        return self.active[:, :, None, :] & (
-            self.positions[:, :, None, :] <= query_positions[:, None, :, None]
-        )
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, S) positions and active flags of the slots the current pass attends over."""
+        return self.positions, self.active
 
     def observe(self, observed: Observation) -> None:
         """Take what this pass's attention says of each slot, and evict for the next pass."""

@@ -31,22 +31,52 @@ class Fidelity:
         return sum(self.agree) / len(self.agree) if self.agree else 1.0
 
 
+def _teacher_forced(
+    model: PreTrainedModel, prompts: list[list[int]], continuations: list[list[int]], eviction: Eviction | None
+) -> list[torch.Tensor]:
+    """Next-token log-probabilities along each continuation, (len(continuation), vocab) per
+    prompt, with every prompt in one batch (rows past their continuation are fed padding)."""
+    decoder = Decoder(model, prompts, eviction)
+    steps = [decoder.prefill()]
+    for t in range(max(len(c) for c in continuations) - 1):
+        forced = torch.tensor([c[t] if t < len(c) - 1 else 0 for c in continuations])
+        steps.append(decoder.step(forced))
+    logprobs = torch.stack(steps, dim=1).log_softmax(-1)
+    return [logprobs[row, : len(c)] for row, c in enumerate(continuations)]
+
+
+@torch.inference_mode()
+def full_reference(
+    model: PreTrainedModel, prompts: list[list[int]], continuations: list[list[int]]
+) -> list[torch.Tensor]:
+    """The full cache's log-probabilities along the continuations, to compare several caches with."""
+    return _teacher_forced(model, prompts, continuations, None)
+
+
 @torch.inference_mode()
 def against_full(
-    model: PreTrainedModel, prompt: list[int], continuation: list[int], eviction: Eviction
-) -> Fidelity:
-    """Teacher-force `continuation` (the full cache's greedy tokens) through both caches."""
-    if not continuation:
-        return Fidelity([], [])
-    full = Decoder(model, [prompt], None)
-    small = Decoder(model, [prompt], eviction)
-    full_logits, small_logits = [full.prefill()], [small.prefill()]
-    for token in continuation[:-1]:
-        forced = torch.tensor([token])
-        full_logits.append(full.step(forced))
-        small_logits.append(small.step(forced))
-    reference = torch.cat(full_logits).log_softmax(-1)
-    compressed = torch.cat(small_logits).log_softmax(-1)
-    kl = (reference.exp() * (reference - compressed)).sum(-1).clamp(min=0)
-    agree = compressed.argmax(-1) == torch.tensor(continuation, device=compressed.device)
-    return Fidelity(kl.tolist(), agree.tolist())
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    continuations: list[list[int]],
+    eviction: Eviction,
+    reference: list[torch.Tensor] | None = None,
+) -> list[Fidelity]:
+    """Teacher-force each continuation (the full cache's greedy tokens) through both caches, one
+    batch for all prompts; `reference` (from `full_reference`) saves recomputing the full cache."""
+    if len(prompts) != len(continuations):
+        raise ValueError("one continuation per prompt")
+    kept = [row for row, c in enumerate(continuations) if c]
+    results = [Fidelity([], []) for _ in prompts]
+    if not kept:
+        return results
+    pick = lambda items: [items[row] for row in kept]  # noqa: E731
+    if reference is None:
+        reference = full_reference(model, pick(prompts), pick(continuations))
+    else:
+        reference = pick(reference)
+    compressed = _teacher_forced(model, pick(prompts), pick(continuations), eviction)
+    for row, full, small in zip(kept, reference, compressed):
+        kl = (full.exp() * (full - small)).sum(-1).clamp(min=0)
+        agree = small.argmax(-1) == torch.tensor(continuations[row], device=small.device)
+        results[row] = Fidelity(kl.tolist(), agree.tolist())
+    return results

@@ -20,8 +20,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from h2o import helm_io, models, report
-from h2o.fidelity import against_full
+from h2o.fidelity import against_full, full_reference
 from h2o.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 from h2o.run import encode
@@ -109,32 +111,70 @@ def _kv(results: Path) -> dict:
 
 
 class Fidelities:
-    """Teacher-forced comparison with the full cache's greedy continuations (computed once)."""
+    """Teacher-forced comparison with the full cache's greedy continuations and log-probabilities
+    (both computed once, the continuations kept on disk)."""
 
     def __init__(self, folder: Path, args: argparse.Namespace) -> None:
         self.tokenizer, _ = models.load_tokenizer(args.model, args.arch)
-        self.model = models.load_model(args.model, args.device)
+        self.model = models.load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype)
         requests = helm_io.read_requests(ROOT / "data" / f"{args.task}.jsonl")[: args.fidelity_n]
-        self.prompts = [encode(self.tokenizer, r.prompt, args.chat_template)[0] for r in requests]
+        prompts = [encode(self.tokenizer, r.prompt, args.chat_template)[0] for r in requests]
+        # Batches of similar lengths waste little on padding; results go back in article order.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        self.batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        self.prompts = prompts
         cached = folder / "fidelity_reference.json"
-        if cached.exists() and len(json.loads(cached.read_text())) == len(self.prompts):
+        if cached.exists() and len(json.loads(cached.read_text())) == len(prompts):
             self.continuations = json.loads(cached.read_text())
         else:
-            self.continuations = [
-                generate(self.model, self.tokenizer, [p], [Sampling(max_new_tokens=r.max_tokens, stop=r.stop)])[0].token_ids
-                for p, r in zip(self.prompts, requests)
-            ]
+            self.continuations = [[] for _ in prompts]
+            for rows in self.batches:
+                done = generate(self.model, self.tokenizer, [prompts[i] for i in rows],
+                                [Sampling(max_new_tokens=requests[i].max_tokens, stop=requests[i].stop) for i in rows])
+                for i, completion in zip(rows, done):
+                    self.continuations[i] = completion.token_ids
             _write_json(cached, self.continuations)
+        self.reference = [None] * len(prompts)
+        for rows in self.batches:
+            full = full_reference(self.model, *self._pick(rows))
+            for i, logprobs in zip(rows, full):
+                self.reference[i] = logprobs
+
+    def _pick(self, rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        return [self.prompts[i] for i in rows], [self.continuations[i] for i in rows]
 
     def measure(self, point: Point) -> dict:
-        runs = [against_full(self.model, p, c, point.eviction()) for p, c in zip(self.prompts, self.continuations)]
-        return {"kl_per_article": [r.mean_kl for r in runs], "agreement_per_article": [r.agreement for r in runs]}
+        runs = [None] * len(self.prompts)
+        for rows in self.batches:
+            measured = against_full(self.model, *self._pick(rows), point.eviction(), [self.reference[i] for i in rows])
+            for i, fidelity in zip(rows, measured):
+                runs[i] = fidelity
+        # Where along the summary the caches part: mean KL at each generated token's index.
+        by_step = [[r.kl[t] for r in runs if t < len(r.kl)] for t in range(max(len(r.kl) for r in runs))]
+        return {"kl_per_article": [r.mean_kl for r in runs], "agreement_per_article": [r.agreement for r in runs],
+                "kl_by_step": [sum(kl) / len(kl) for kl in by_step]}
+
+
+def _check_settings(folder: Path, args: argparse.Namespace) -> None:
+    """A report holds one model, task and precision: refuse to resume one made otherwise."""
+    settings = {"task": args.task, "model": args.model, "arch": args.arch, "dtype": args.dtype,
+                "chat_template": args.chat_template}
+    path = folder / "settings.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [f"--{k} {before.get(k)} (now {v})" for k, v in settings.items() if before.get(k) != v]
+        if changed:
+            raise SystemExit(f"sweep: error: {folder} was made with {', '.join(changed)}; "
+                             "pass those flags or another --reports folder")
+    else:
+        _write_json(path, settings)
 
 
 def sweep(args: argparse.Namespace) -> Path:
     folder = Path(args.reports) / f"{args.task}-{_slug(args.model)}"
     (folder / "points").mkdir(parents=True, exist_ok=True)
     (folder / "results").mkdir(exist_ok=True)
+    _check_settings(folder, args)
     todo = points(args.policies, args.budgets)
     fidelities = None
     for index, point in enumerate(todo, start=1):
@@ -146,7 +186,7 @@ def sweep(args: argparse.Namespace) -> Path:
         results = folder / "results" / f"{point.name}.jsonl"
         status = run_helm(["--input_path", str(ROOT / "data" / f"{args.task}.jsonl"), "--output_path", str(results),
                            "--model_name", args.model, "--model_arch", args.arch, "--sample_num", str(args.n),
-                           "--batch_size", str(args.batch_size), "--chat_template", args.chat_template,
+                           "--batch_size", str(args.batch_size), "--chat_template", args.chat_template, "--dtype", args.dtype,
                            *(["--device", args.device] if args.device else []), *point.run_flags()])
         if status != 0:
             raise SystemExit(status)
@@ -176,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
     p.add_argument("--chat_template", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES),
+                   help="bfloat16 is several times faster on CPUs with AVX512-BF16 or AMX")
     p.add_argument("--reports", default=str(ROOT / "reports"), help="folder of the reports")
     args = p.parse_args(argv)
     unknown = [x for x in args.policies if x != "local" and x not in report.KNOWN_POLICIES]

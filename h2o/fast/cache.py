@@ -144,13 +144,12 @@ class FastLayer(CacheLayerMixin):
         self.active.scatter_(2, slot, True)
         return self.keys, self.values
 
-    def visible(self, query_positions: torch.Tensor) -> torch.Tensor:
-        """(B, H, q, S): which slots each query row may attend to (active, and not in its future)."""
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, S) positions and active flags of the slots the current pass attends over."""
         if self.owner.rows is not None:
             _, _, positions, active = self.prompt
-        else:
-            positions, active = self.positions, self.active
-        return active[:, :, None, :] & (positions[:, :, None, :] <= query_positions[:, None, :, None])
+            return positions, active
+        return self.positions, self.active
 
     def observe(self, observed: Observation) -> None:
         """What the reference attention saw this pass: fill the slots (prefill) or evict (decode)."""
