@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
                    help="drop: evict for real; mask: the paper's simulation (masks, keeps memory)")
     p.add_argument("--policy", choices=sorted(POLICIES), default="h2o",
                    help="which tokens a small cache keeps (h2o is the paper's)")
-    p.add_argument("--sink_size", type=int, default=4, help="first tokens kept by --policy sink")
+    p.add_argument("--sink_size", type=int, default=4, help="first tokens kept by --policy sink and h2o-sink")
     p.add_argument("--attention", choices=sorted(ATTENTION_IMPLEMENTATIONS), default="eager",
                    help="attention kernel under the small cache")
     p.add_argument("--batch_size", type=int, default=1)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         _check(args)
-        options = {"sink_size": args.sink_size} if args.policy == "sink" else {}
+        options = {"sink_size": args.sink_size} if args.policy in ("sink", "h2o-sink") else {}
         policy = (make_policy(args.policy, args.heavy_ratio, args.recent_ratio, **options)
                   if args.enable_small_cache else None)
         requests = helm_io.read_requests(args.input_path)[: args.sample_num]

@@ -37,7 +37,7 @@ from lab_helm.helm_cli import run_dir  # noqa: E402
 from lab_helm.paths import BENCHMARK_OUTPUT  # noqa: E402
 
 BUDGETS = (0.04, 0.10, 0.20, 0.40, 0.60)
-POLICIES = ("h2o", "local", "sink", "tova", "h2o-avg")
+POLICIES = ("h2o", "local", "sink", "tova", "h2o-avg", "h2o-sink")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Point:
     def ratios(self) -> tuple[float, float]:
         """(heavy, recent): H2O splits its budget half and half, as the paper; local is all recent;
         for sink and tova the two only give the total."""
-        if self.policy in ("h2o", "h2o-avg"):
+        if self.policy in ("h2o", "h2o-avg", "h2o-sink"):
             return self.budget / 2, self.budget / 2
         return 0.0, self.budget
 

@@ -105,3 +105,12 @@ def test_h2o_avg_ranks_by_attention_per_view():
     chosen = _select_with(policy, [10.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], n_tokens=10,
                           budget=Budget(heavy=1, recent=3), views=[100, 10, 2, 1, 1, 1, 1, 1, 1, 1])
     assert _kept(chosen) == [2, 8, 9]
+
+
+def test_h2o_sink_keeps_the_first_tokens_whatever_their_score_then_the_top_scores():
+    policy = make_policy("h2o-sink", 0.1, 0.3, sink_size=2)
+    scores = [0.0, 0.0, 3.0, 9.0, 1.0, 7.0, 0.0, 0.0, 0.0, 0.0]
+    chosen = _select_with(policy, scores, n_tokens=10, budget=Budget(heavy=3, recent=3))
+    assert _kept(chosen) == [0, 1, 3, 8, 9]  # sinks 0 and 1, then the best score; 7 is parked
+    plain = _select_with(make_policy("h2o", 0.1, 0.3), scores, n_tokens=10, budget=Budget(heavy=3, recent=3))
+    assert _kept(plain) == [2, 3, 5, 8, 9]  # H2O alone lets the low-scored sinks go

@@ -3,10 +3,11 @@
 from h2o.policies.base import Budget, Observation, Policy, Selection
 from h2o.policies.h2o import H2O
 from h2o.policies.h2o_avg import H2OAverage
+from h2o.policies.h2o_sink import H2OSink
 from h2o.policies.sink import Sink
 from h2o.policies.tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, H2OAverage, Sink, TOVA)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, H2OAverage, H2OSink, Sink, TOVA)}
 
 
 def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: object) -> Policy:

@@ -1,0 +1,214 @@
+"""Where a policy's loss comes from: how much of the attention the summary pays to the prompt
+survives the policy's compression of the prompt.
+
+    python -m h2o.analysis [--n 20] [--budgets 0.04,0.2] [--policies h2o,local,...] [--dtype bfloat16]
+
+Per article, the full cache teacher-forces the full cache's greedy summary and records, for each
+layer and KV head, the attention every prompt token receives from the summary's queries (summed
+over the query heads sharing the KV head, as the policies score). Each policy then reads the
+prompt alone and evicts once, as it does before the first summary token; its *recall* is the
+share of the summary's attention that falls on the prompt tokens it kept. An oracle that knew
+the summary keeps the same number of tokens, the most attended: the ceiling at that budget.
+Later evictions (during the summary) are not counted; the prompt is most of the cache.
+
+Writes `analysis.json`, `analysis.md` and `recall_by_layer.png` beside the sweep's report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from h2o import helm_io, models
+from h2o.generation import Decoder, Eviction, Sampling, generate
+from h2o.policies import Budget, Policy
+from h2o.run import encode
+from h2o.sweep import ROOT, Point, _slug, _write_json
+
+DECILES = 10
+SINKS = 4  # "the first tokens", as StreamingLLM's default
+
+
+class _KeepAll(Policy):
+    """Never evicts; its running scores are the attention each token received."""
+
+    name = "keep-all"
+
+    def budget(self, prompt_len: int) -> Budget:
+        return Budget(heavy=0, recent=1 << 40)
+
+
+@torch.inference_mode()
+def summary_attention(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """(layers, kv_heads, prompt) attention each prompt token receives from the summary's queries."""
+    decoder = Decoder(model, [prompt], Eviction(_KeepAll(0.0, 1.0), "mask"))
+    decoder.prefill()
+    length = len(prompt)
+    before = torch.stack([layer.scores[0, :, :length] for layer in decoder.cache.layers])
+    for token in continuation[:-1]:
+        decoder.step(torch.tensor([token]))
+    after = torch.stack([layer.scores[0, :, :length] for layer in decoder.cache.layers])
+    return (after - before).float()
+
+
+@torch.inference_mode()
+def kept_after_prompt(model, prompt: list[int], point: Point) -> torch.Tensor:
+    """(layers, kv_heads, prompt) bool: the prompt tokens the policy attends to after its first
+    eviction (mask mode keeps the slots in position order)."""
+    decoder = Decoder(model, [prompt], Eviction(point.eviction().policy, "mask"))
+    decoder.prefill()
+    return torch.stack([layer.active[0, :, : len(prompt)] for layer in decoder.cache.layers]).cpu()
+
+
+def recall(mass: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(layers,) share of the summary's attention on kept tokens, averaged over KV heads."""
+    return ((mass * kept).sum(-1) / mass.sum(-1).clamp(min=1e-12)).mean(-1)
+
+
+def oracle(mass: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` tokens per (layer, head) the summary attends most."""
+    kept = torch.zeros_like(mass, dtype=torch.bool)
+    return kept.scatter_(-1, mass.topk(min(count, mass.shape[-1]), dim=-1).indices, True)
+
+
+def deciles(weights: torch.Tensor) -> list[float]:
+    """Share of `weights` (summed over layers and heads) in each tenth of the prompt."""
+    per_token = weights.float().sum(dim=(0, 1))
+    bins = torch.arange(per_token.numel()) * DECILES // per_token.numel()
+    shares = torch.zeros(DECILES).index_add_(0, bins, per_token)
+    return (shares / shares.sum().clamp(min=1e-12)).tolist()
+
+
+def analyse(model, prompts: list[list[int]], continuations: list[list[int]], points: list[Point]) -> dict:
+    """Recall per policy and budget (overall and by layer), and where in the prompt the summary
+    looks against where each policy keeps tokens; every number a mean over articles."""
+    by_point: dict[str, dict] = {}
+    sinks_share, summary_deciles = [], []
+    for index, (prompt, continuation) in enumerate(zip(prompts, continuations), start=1):
+        print(f"[{index}/{len(prompts)}] article: {len(prompt)} prompt tokens", flush=True)
+        mass = summary_attention(model, prompt, continuation)
+        sinks_share.append(float(mass[..., :SINKS].sum() / mass.sum()))
+        summary_deciles.append(deciles(mass))
+        for point in points:
+            kept = kept_after_prompt(model, prompt, point)
+            entry = by_point.setdefault(point.name, {"policy": point.policy, "budget": point.budget,
+                                                     "layers": [], "oracle_layers": [], "deciles": []})
+            entry["layers"].append(recall(mass, kept).tolist())
+            entry["oracle_layers"].append(recall(mass, oracle(mass, int(kept.sum(-1).max()))).tolist())
+            entry["deciles"].append(deciles(kept))
+    mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]  # noqa: E731
+    results = []
+    for entry in by_point.values():
+        layers, ceiling = mean(entry["layers"]), mean(entry["oracle_layers"])
+        results.append({
+            "policy": entry["policy"], "budget": entry["budget"],
+            "recall": sum(layers) / len(layers), "oracle_recall": sum(ceiling) / len(ceiling),
+            "recall_by_layer": layers, "oracle_by_layer": ceiling, "kept_deciles": mean(entry["deciles"]),
+            "recall_per_article": [sum(a) / len(a) for a in entry["layers"]],
+        })
+    return {"n": len(prompts), "sinks": SINKS, "summary_on_sinks": sum(sinks_share) / len(sinks_share),
+            "summary_deciles": mean(summary_deciles), "points": results}
+
+
+def markdown(analysis: dict, folder: Path) -> str:
+    points = sorted(analysis["points"], key=lambda p: (p["budget"], -p["recall"]))
+    lines = [
+        f"# Where the loss comes from ({folder.name}, {analysis['n']} articles)",
+        "",
+        "Recall: the share of the attention the full cache's summary pays to the prompt that falls on",
+        "the prompt tokens a policy keeps after its first eviction (mean over layers, KV heads and",
+        "articles). Oracle: the same number of tokens, chosen knowing the summary's attention.",
+        "",
+        "| budget | policy | recall | oracle | worst layer (recall) |",
+        "|---|---|---|---|---|",
+    ]
+    for p in points:
+        worst = min(range(len(p["recall_by_layer"])), key=lambda i: p["recall_by_layer"][i])
+        lines.append(f"| {p['budget']:.0%} | {p['policy']} | {p['recall']:.3f} | {p['oracle_recall']:.3f} "
+                     f"| {worst} ({p['recall_by_layer'][worst]:.3f}) |")
+    lines += [
+        "",
+        f"The summary pays {analysis['summary_on_sinks']:.1%} of its attention on the prompt to the first "
+        f"{analysis['sinks']} tokens.",
+        "",
+        "Where in the prompt (tenths, first to last) the summary looks, and where each policy keeps its tokens",
+        "at the smallest budget:",
+        "",
+        "| | " + " | ".join(f"{10 * i}-{10 * (i + 1)}%" for i in range(DECILES)) + " |",
+        "|---|" + "---|" * DECILES,
+        "| summary's attention | " + " | ".join(f"{v:.2f}" for v in analysis["summary_deciles"]) + " |",
+    ]
+    smallest = min(p["budget"] for p in points)
+    for p in (p for p in points if p["budget"] == smallest):
+        lines.append(f"| {p['policy']} keeps | " + " | ".join(f"{v:.2f}" for v in p["kept_deciles"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(analysis: dict, folder: Path, budget: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    here = sorted((p for p in analysis["points"] if p["budget"] == budget), key=lambda p: -p["recall"])
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    for p in here:
+        ax.plot(p["recall_by_layer"], marker=".", label=p["policy"])
+    if here:
+        ax.plot(here[0]["oracle_by_layer"], color="black", linestyle="--", label="oracle")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of the summary's attention kept")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Attention kept after the prompt's eviction, {budget:.0%} budget ({analysis['n']} articles)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(folder / "recall_by_layer.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="xsum")
+    p.add_argument("--model", default=models.DEFAULT_MODEL)
+    p.add_argument("--arch", default="llama")
+    p.add_argument("--n", type=int, default=20, help="articles")
+    p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.04, 0.2])
+    p.add_argument("--policies", type=lambda s: s.split(","),
+                   default=["h2o", "local", "sink", "tova", "h2o-avg", "h2o-sink"])
+    p.add_argument("--chat_template", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
+    p.add_argument("--reports", default=str(ROOT / "reports"), help="folder of the reports")
+    args = p.parse_args(argv)
+    if args.n < 1 or any(not 0 < b < 1 for b in args.budgets):
+        print("analysis: error: --n must be at least 1 and --budgets lie in (0, 1)", file=sys.stderr)
+        return 2
+    points = [Point(policy, budget) for budget in args.budgets for policy in args.policies]
+    try:
+        for point in points:
+            point.eviction()
+        tokenizer, _ = models.load_tokenizer(args.model, args.arch)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"analysis: error: {error}", file=sys.stderr)
+        return 2
+    folder = Path(args.reports) / f"{args.task}-{_slug(args.model)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = models.load_model(args.model, "cpu", args.dtype)
+    requests = helm_io.read_requests(ROOT / "data" / f"{args.task}.jsonl")[: args.n]
+    prompts = [encode(tokenizer, r.prompt, args.chat_template)[0] for r in requests]
+    continuations = [generate(model, tokenizer, [p], [Sampling(max_new_tokens=r.max_tokens, stop=r.stop)])[0].token_ids
+                     for p, r in zip(prompts, requests)]
+    analysis = {"dtype": args.dtype, **analyse(model, prompts, continuations, points)}
+    _write_json(folder / "analysis.json", analysis)
+    (folder / "analysis.md").write_text(markdown(analysis, folder))
+    plot(analysis, folder, min(args.budgets, key=lambda b: abs(b - 0.2)))
+    print(f"analysis: {folder / 'analysis.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
