@@ -59,21 +59,34 @@ def rows(points: list[dict]) -> list[dict]:
     return table
 
 
-def best_per_budget(points: list[dict]) -> list[str]:
-    """One line per budget: the best policy by ROUGE-2, and whether it beats H2O beyond noise."""
+def _best_lines(points: list[dict], values, higher_is_better: bool, label: str) -> list[str]:
+    """One line per budget: the best policy by `values(point)` (per-article numbers), and whether
+    it differs from H2O beyond noise (95% interval of the per-article difference)."""
     lines = []
     for budget in sorted({p["budget"] for p in points if p["policy"] != "full"}):
-        here = [p for p in points if p["budget"] == budget and p["policy"] != "full"]
-        best = max(here, key=lambda p: _mean_ci(p["per_article"]["rouge_2"])[0])
+        here = [p for p in points if p["budget"] == budget and p["policy"] != "full" and values(p)]
+        if not here:
+            continue
+        pick = max if higher_is_better else min
+        best = pick(here, key=lambda p: _mean_ci(values(p))[0])
         h2o = next((p for p in here if p["policy"] == "h2o"), None)
-        line = f"- {budget:.0%}: **{best['policy']}** (ROUGE-2 {_mean_ci(best['per_article']['rouge_2'])[0]:.4f}, n={best['n']})"
+        line = f"- {budget:.0%}: **{best['policy']}** ({label} {_mean_ci(values(best))[0]:.4f}, n={len(values(best))})"
         if h2o and best is not h2o:
-            diffs = [a - b for a, b in zip(best["per_article"]["rouge_2"], h2o["per_article"]["rouge_2"])]
-            mean, ci = _mean_ci(diffs)
+            mean, ci = _mean_ci([a - b for a, b in zip(values(best), values(h2o))])
             verdict = "beyond noise" if abs(mean) > ci else "within noise"
             line += f"; vs h2o {mean:+.4f} ± {ci:.4f} per article ({verdict})"
         lines.append(line)
     return lines
+
+
+def best_per_budget(points: list[dict]) -> list[str]:
+    """One line per budget: the best policy by ROUGE-2, and whether it beats H2O beyond noise."""
+    return _best_lines(points, lambda p: p["per_article"]["rouge_2"], True, "ROUGE-2")
+
+
+def closest_per_budget(points: list[dict]) -> list[str]:
+    """One line per budget: the policy with the lowest KL to the full cache, against H2O's."""
+    return _best_lines(points, lambda p: p.get("kl_per_article") or [], False, "KL")
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -82,10 +95,15 @@ def _fmt(value: object, spec: str) -> str:
     return format(value, spec)
 
 
-def markdown(table: list[dict], points: list[dict]) -> str:
+def markdown(table: list[dict], points: list[dict], settings: dict | None = None) -> str:
+    title = []
+    if settings:
+        title = [f"Model {settings.get('model') or 'the embedded SmolLM2'} ({settings.get('arch')}), task "
+                 f"{settings.get('task')}, weights and activations in {settings.get('dtype')}, chat template "
+                 f"{settings.get('chat_template')}; drop mode (evicted tokens leave memory).", ""]
     head = ("| policy | budget | n | ROUGE-1 | ROUGE-2 (± 95% CI) | ROUGE-L | ROUGE-2 / full | KV MiB peak "
             "| KV / full | KL (nats) | greedy agreement |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [*title, head, "|" + "---|" * 11]
     for r in table:
         lines.append(
             f"| {r['policy']} | {r['budget']:.0%} | {r['n']} | {_fmt(r['rouge_1'], '.4f')} "
@@ -101,6 +119,9 @@ def markdown(table: list[dict], points: list[dict]) -> str:
         "",
         "Best policy by ROUGE-2 at each budget:",
         *best_per_budget(points),
+        "",
+        "Closest to the full cache (lowest KL) at each budget:",
+        *closest_per_budget(points),
     ]
     return "\n".join(lines + notes) + "\n"
 
@@ -141,6 +162,28 @@ def plots(folder: Path, table: list[dict]) -> None:
         plt.close(fig)
 
 
+def kl_by_step_plot(folder: Path, points: list[dict], budget: float = 0.2) -> None:
+    """KL to the full cache at each generated token, one line per policy, at the sweep's budget
+    closest to `budget`: does the loss come at once (the prompt's eviction) or build up?"""
+    stepped = [p for p in points if p.get("kl_by_step")]
+    if not stepped:
+        return
+    chosen = min({p["budget"] for p in stepped}, key=lambda b: abs(b - budget))
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    for p in sorted((p for p in stepped if p["budget"] == chosen), key=lambda p: p["policy"]):
+        ax.plot(range(1, len(p["kl_by_step"]) + 1), p["kl_by_step"], label=p["policy"])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("generated token (teacher-forced along the full cache's summary)")
+    ax.set_ylabel("KL(full || small cache), nats")
+    ax.set_title(f"KL at each summary token, {chosen:.0%} budget ({folder.name})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(folder / "kl_by_step.png", dpi=120)
+    plt.close(fig)
+
+
 def write(folder: Path) -> None:
     points = load(folder)
     if not points:
@@ -150,5 +193,7 @@ def write(folder: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(table)
-    (folder / "results.md").write_text(markdown(table, points))
+    settings = folder / "settings.json"
+    (folder / "results.md").write_text(markdown(table, points, json.loads(settings.read_text()) if settings.exists() else None))
     plots(folder, table)
+    kl_by_step_plot(folder, points)

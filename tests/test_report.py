@@ -22,7 +22,7 @@ def _point(folder, policy, budget, rouge_2, kv=100.0):
               "rouge_l": 0.2, "per_article": {"rouge_2": rouge_2}, "kv_bytes_peak": kv * 2**20,
               "kv_bytes_full": 500 * 2**20}
     if policy != "full":
-        record.update(kl_per_article=[0.5, 1.5], agreement_per_article=[0.5, 1.0])
+        record.update(kl_per_article=[0.5, 1.5], agreement_per_article=[0.5, 1.0], kl_by_step=[0.01, 0.9, 1.2])
     (folder / "points" / f"{Point(policy, budget).name}.json").write_text(json.dumps(record))
 
 
@@ -34,7 +34,8 @@ def test_report_tables_plots_and_a_verdict_on_noise(tmp_path):
     _point(tmp_path, "local", 0.2, [0.20, 0.00, 0.16, 0.0])  # higher mean, all noise
     _point(tmp_path, "h2o", 0.1, [0.05, 0.05, 0.05, 0.05])
     report.write(tmp_path)
-    for name in ("results.csv", "results.md", "rouge2_vs_budget.png", "kv_vs_budget.png", "kl_vs_budget.png"):
+    for name in ("results.csv", "results.md", "rouge2_vs_budget.png", "kv_vs_budget.png", "kl_vs_budget.png",
+                 "kl_by_step.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = {(r["policy"], r["budget"]): r for r in report.rows(report.load(tmp_path))}
     assert rows[("h2o", 0.2)]["rouge_2_vs_full"] == pytest.approx(0.8)
@@ -47,3 +48,13 @@ def test_report_tables_plots_and_a_verdict_on_noise(tmp_path):
     del_local.unlink()
     verdicts = report.best_per_budget(report.load(tmp_path))
     assert verdicts[1].startswith("- 20%: **sink**") and "+0.0100" in verdicts[1] and "beyond noise" in verdicts[1]
+
+
+def test_the_lowest_kl_is_named_with_its_paired_difference_to_h2o(tmp_path):
+    (tmp_path / "points").mkdir()
+    for policy, kl in (("h2o", [1.0, 2.0, 1.5, 1.2]), ("tova", [0.9, 1.9, 1.4, 1.1]), ("local", [3.0, 1.0, 0.2, 2.0])):
+        _point(tmp_path, policy, 0.2, [0.1] * 4)
+        record = json.loads((tmp_path / "points" / f"{Point(policy, 0.2).name}.json").read_text())
+        (tmp_path / "points" / f"{Point(policy, 0.2).name}.json").write_text(json.dumps({**record, "kl_per_article": kl}))
+    [line] = report.closest_per_budget(report.load(tmp_path))
+    assert line.startswith("- 20%: **tova** (KL 1.3250, n=4)") and "-0.1000" in line and "beyond noise" in line
