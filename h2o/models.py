@@ -49,7 +49,7 @@ def _converted(gguf: Path) -> Path:
     """A float32 checkpoint folder made from a GGUF file, built on first use."""
     stat = gguf.stat()
     root = Path(os.environ.get("H2O_LAB_CACHE", Path.home() / ".cache" / "h2o-lab"))
-    folder = root / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = root / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-f32"
     if (folder / "config.json").is_file():
         return folder
     kwargs = {"gguf_file": gguf.name}
@@ -58,6 +58,8 @@ def _converted(gguf: Path) -> Path:
     # GGUF-loaded models refuse save_pretrained; a plain copy of the weights does not.
     model = AutoModelForCausalLM.from_config(quantized.config)
     model.load_state_dict(quantized.state_dict())
+    # Plain weights now: without this, loading the folder goes through the GGUF quantizer again.
+    del model.config.quantization_config
     model.generation_config = quantized.generation_config
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
