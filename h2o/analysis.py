@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from h2o import helm_io, models
+from h2o import helm_io, models, report
 from h2o.generation import Decoder, Eviction, Sampling, generate
 from h2o.policies import Budget, Policy
 from h2o.run import encode
-from h2o.sweep import ROOT, Point, _slug, _write_json
+from h2o.sweep import ROOT, Point, _slug, _write_json, add_model_flags
 
 DECILES = 10
 SINKS = 4  # "the first tokens", as StreamingLLM's default
@@ -149,13 +149,8 @@ def markdown(analysis: dict, folder: Path) -> str:
 
 
 def plot(analysis: dict, folder: Path, budget: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     here = sorted((p for p in analysis["points"] if p["budget"] == budget), key=lambda p: -p["recall"])
-    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    fig, ax = report.new_figure()
     for p in here:
         ax.plot(p["recall_by_layer"], marker=".", label=p["policy"])
     if here:
@@ -164,25 +159,16 @@ def plot(analysis: dict, folder: Path, budget: float) -> None:
     ax.set_ylabel("share of the summary's attention kept")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Attention kept after the prompt's eviction, {budget:.0%} budget ({analysis['n']} articles)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(folder / "recall_by_layer.png", dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, ax, folder / "recall_by_layer.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="xsum")
-    p.add_argument("--model", default=models.DEFAULT_MODEL)
-    p.add_argument("--arch", default="llama")
+    add_model_flags(p)
     p.add_argument("--n", type=int, default=20, help="articles")
     p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.04, 0.2])
     p.add_argument("--policies", type=lambda s: s.split(","),
                    default=["h2o", "local", "sink", "tova", "h2o-avg", "h2o-sink"])
-    p.add_argument("--chat_template", default="auto", choices=("auto", "on", "off"))
-    p.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
-    p.add_argument("--reports", default=str(ROOT / "reports"), help="folder of the reports")
     args = p.parse_args(argv)
     if args.n < 1 or any(not 0 < b < 1 for b in args.budgets):
         print("analysis: error: --n must be at least 1 and --budgets lie in (0, 1)", file=sys.stderr)

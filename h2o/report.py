@@ -126,6 +126,19 @@ def markdown(table: list[dict], points: list[dict], settings: dict | None = None
     return "\n".join(lines + notes) + "\n"
 
 
+def new_figure() -> tuple[plt.Figure, plt.Axes]:
+    return plt.subplots(figsize=(7.6, 4.2))
+
+
+def save_figure(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
+    """Grid, the legend beside the axes (lines stay unhidden), and a PNG readable on any screen."""
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plots(folder: Path, table: list[dict]) -> None:
     policies = sorted({r["policy"] for r in table if r["policy"] != "full"})
     full = next((r for r in table if r["policy"] == "full"), None)
@@ -136,7 +149,7 @@ def plots(folder: Path, table: list[dict]) -> None:
         ("kl_vs_budget.png", "KL to the full cache", "kl_mean", "KL(full || small cache), nats per token", None, True),
     ]
     for filename, title, key, ylabel, err, log in panels:
-        fig, ax = plt.subplots(figsize=(7.6, 4.2))
+        fig, ax = new_figure()
         for i, policy in enumerate(policies):
             pts = [r for r in table if r["policy"] == policy and r[key] is not None]
             if not pts:
@@ -155,11 +168,7 @@ def plots(folder: Path, table: list[dict]) -> None:
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_title(f"{title} vs KV budget ({folder.name})")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.tight_layout()
-        fig.savefig(folder / filename, dpi=120)
-        plt.close(fig)
+        save_figure(fig, ax, folder / filename)
 
 
 def kl_by_step_plot(folder: Path, points: list[dict], budget: float = 0.2) -> None:
@@ -169,7 +178,7 @@ def kl_by_step_plot(folder: Path, points: list[dict], budget: float = 0.2) -> No
     if not stepped:
         return
     chosen = min({p["budget"] for p in stepped}, key=lambda b: abs(b - budget))
-    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    fig, ax = new_figure()
     for p in sorted((p for p in stepped if p["budget"] == chosen), key=lambda p: p["policy"]):
         ax.plot(range(1, len(p["kl_by_step"]) + 1), p["kl_by_step"], label=p["policy"])
     ax.set_yscale("log")
@@ -177,11 +186,7 @@ def kl_by_step_plot(folder: Path, points: list[dict], budget: float = 0.2) -> No
     ax.set_xlabel("generated token (teacher-forced along the full cache's summary)")
     ax.set_ylabel("KL(full || small cache), nats")
     ax.set_title(f"KL at each summary token, {chosen:.0%} budget ({folder.name})")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(folder / "kl_by_step.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, folder / "kl_by_step.png")
 
 
 def write(folder: Path) -> None:
