@@ -58,3 +58,17 @@ def test_the_lowest_kl_is_named_with_its_paired_difference_to_h2o(tmp_path):
         (tmp_path / "points" / f"{Point(policy, 0.2).name}.json").write_text(json.dumps({**record, "kl_per_article": kl}))
     [line] = report.closest_per_budget(report.load(tmp_path))
     assert line.startswith("- 20%: **tova** (KL 1.3250, n=4)") and "-0.1000" in line and "beyond noise" in line
+
+
+def test_a_sweep_refuses_to_resume_a_report_made_with_other_settings(tmp_path, capsys):
+    from h2o import sweep
+
+    folder = tmp_path / "xsum-smollm2"
+    folder.mkdir()
+    (folder / "settings.json").write_text(json.dumps(
+        {"task": "xsum", "model": "smollm2", "arch": "llama", "dtype": "float32", "chat_template": "auto"}))
+    with pytest.raises(SystemExit, match=r"made with --dtype float32 \(now bfloat16\)"):
+        sweep.main(["--reports", str(tmp_path), "--dtype", "bfloat16", "--n", "1"])
+    assert not (folder / "points").exists() or not any((folder / "points").iterdir())
+    assert sweep.main(["--reports", str(tmp_path), "--policies", "h2o,nope"]) == 2
+    assert "unknown --policies ['nope']" in capsys.readouterr().err
