@@ -72,3 +72,12 @@ def test_a_sweep_refuses_to_resume_a_report_made_with_other_settings(tmp_path, c
     assert not (folder / "points").exists() or not any((folder / "points").iterdir())
     assert sweep.main(["--reports", str(tmp_path), "--policies", "h2o,nope"]) == 2
     assert "unknown --policies ['nope']" in capsys.readouterr().err
+
+
+def test_when_h2o_is_best_it_is_weighed_against_the_runner_up(tmp_path):
+    (tmp_path / "points").mkdir()
+    _point(tmp_path, "h2o", 0.04, [0.10, 0.12, 0.08, 0.10])
+    _point(tmp_path, "tova", 0.04, [0.08, 0.10, 0.06, 0.08])
+    _point(tmp_path, "local", 0.04, [0.0, 0.0, 0.0, 0.0])
+    [line] = report.best_per_budget(report.load(tmp_path))
+    assert line.startswith("- 4%: **h2o**") and "vs tova +0.0200 ± 0.0000" in line and "beyond noise" in line
