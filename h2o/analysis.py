@@ -11,6 +11,10 @@ share of the summary's attention that falls on the prompt tokens it kept. An ora
 the summary keeps the same number of tokens, the most attended: the ceiling at that budget.
 Later evictions (during the summary) are not counted; the prompt is most of the cache.
 
+GQA what-if: beside each `h2o` point, `h2o-group-max` makes the same first eviction with the
+query heads that share a KV head combined by their max instead of their sum (H2O's choice here),
+so a token stays when any head of the group needs it.
+
 Writes `analysis.json`, `analysis.md` and `recall_by_layer.png` beside the sweep's report.
 """
 
@@ -64,6 +68,35 @@ def kept_after_prompt(model, prompt: list[int], point: Point) -> torch.Tensor:
     return torch.stack([layer.active[0, :, : len(prompt)] for layer in decoder.cache.layers]).cpu()
 
 
+@torch.inference_mode()
+def prompt_attention_by_head(model, prompt: list[int]) -> torch.Tensor:
+    """(layers, query_heads, prompt) attention each prompt token receives from the prompt's own
+    rows, per query head: what H2O's first eviction scores, before the KV group is summed."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=torch.tensor([prompt], device=model.device), output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    return torch.stack([a[0].float().sum(1) for a in out.attentions]).cpu()
+
+
+def h2o_kept(per_head: torch.Tensor, kv_heads: int, budget: float, group: str = "sum") -> torch.Tensor:
+    """(layers, kv_heads, prompt) bool: H2O's first eviction from per-query-head scores, with the
+    query heads sharing a KV head combined by `group`: "sum" (H2O here) or "max" (a token stays
+    if any head of the group needs it)."""
+    layers, heads, length = per_head.shape
+    grouped = per_head.view(layers, kv_heads, heads // kv_heads, length)
+    scores = grouped.sum(2) if group == "sum" else grouped.amax(2)
+    policy = Point("h2o", budget).eviction().policy
+    limits = policy.budget(length)
+    every = lambda value: torch.full((layers,), value)  # noqa: E731  (layers stand in for the batch)
+    positions = torch.arange(length).expand(layers, kv_heads, length)
+    chosen = policy.select(scores, torch.ones_like(scores), positions, every(length), every(limits.heavy),
+                           every(limits.recent))
+    return chosen.active
+
+
 def recall(mass: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """(layers,) share of the summary's attention on kept tokens, averaged over KV heads."""
     return ((mass * kept).sum(-1) / mass.sum(-1).clamp(min=1e-12)).mean(-1)
@@ -83,6 +116,16 @@ def deciles(weights: torch.Tensor) -> list[float]:
     return (shares / shares.sum().clamp(min=1e-12)).tolist()
 
 
+def _kept_sets(model, prompt: list[int], points: list[Point], per_head: torch.Tensor | None):
+    """Each point's kept tokens; beside each h2o point, H2O with the KV group's max (a what-if
+    of the first eviction, named `h2o-group-max`)."""
+    for point in points:
+        yield point, kept_after_prompt(model, prompt, point)
+        if point.policy == "h2o" and per_head is not None:
+            kv_heads = model.config.num_key_value_heads
+            yield Point("h2o-group-max", point.budget), h2o_kept(per_head, kv_heads, point.budget, "max")
+
+
 def analyse(model, prompts: list[list[int]], continuations: list[list[int]], points: list[Point]) -> dict:
     """Recall per policy and budget (overall and by layer), and where in the prompt the summary
     looks against where each policy keeps tokens; every number a mean over articles."""
@@ -93,8 +136,8 @@ def analyse(model, prompts: list[list[int]], continuations: list[list[int]], poi
         mass = summary_attention(model, prompt, continuation)
         sinks_share.append(float(mass[..., :SINKS].sum() / mass.sum()))
         summary_deciles.append(deciles(mass))
-        for point in points:
-            kept = kept_after_prompt(model, prompt, point)
+        per_head = prompt_attention_by_head(model, prompt) if any(p.policy == "h2o" for p in points) else None
+        for point, kept in _kept_sets(model, prompt, points, per_head):
             entry = by_point.setdefault(point.name, {"policy": point.policy, "budget": point.budget,
                                                      "layers": [], "oracle_layers": [], "deciles": []})
             entry["layers"].append(recall(mass, kept).tolist())
@@ -122,6 +165,8 @@ def markdown(analysis: dict, folder: Path) -> str:
         "Recall: the share of the attention the full cache's summary pays to the prompt that falls on",
         "the prompt tokens a policy keeps after its first eviction (mean over layers, KV heads and",
         "articles). Oracle: the same number of tokens, chosen knowing the summary's attention.",
+        "h2o-group-max: H2O's first eviction with the query heads sharing a KV head combined by their",
+        "max instead of their sum.",
         "",
         "| budget | policy | recall | oracle | worst layer (recall) |",
         "|---|---|---|---|---|",

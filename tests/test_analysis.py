@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from h2o.analysis import deciles, kept_after_prompt, oracle, recall, summary_attention
+from h2o.analysis import (
+    deciles, h2o_kept, kept_after_prompt, oracle, prompt_attention_by_head, recall, summary_attention,
+)
 from h2o.generation import Sampling, generate
 from h2o.sweep import Point
 
@@ -48,3 +50,14 @@ def test_the_recent_window_keeps_the_last_tenth_and_deciles_sum_to_one():
     kept[..., 95:] = True
     shares = deciles(kept)
     assert shares[-1] == pytest.approx(1.0) and sum(shares) == pytest.approx(1.0)
+
+
+def test_the_gqa_what_if_with_the_sum_is_h2o_itself_and_the_max_keeps_as_many(gqa):
+    prompt = random_prompts([90], seed=33)[0]
+    per_head = prompt_attention_by_head(gqa, prompt)
+    assert per_head.shape == (2, 4, 90)
+    assert torch.allclose(per_head.sum(-1), torch.full((2, 4), 90.0))  # 90 rows, each summing to 1
+    summed = h2o_kept(per_head, 2, 0.2, "sum")
+    assert torch.equal(summed, kept_after_prompt(gqa, prompt, Point("h2o", 0.2)))
+    maxed = h2o_kept(per_head, 2, 0.2, "max")
+    assert torch.equal(maxed.sum(-1), summed.sum(-1)) and not torch.equal(maxed, summed)
