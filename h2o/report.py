@@ -84,6 +84,18 @@ def _best_lines(points: list[dict], values, higher_is_better: bool, label: str) 
     return lines
 
 
+def h2o_against_full(points: list[dict]) -> list[str]:
+    """One line per budget: H2O's ROUGE-2 minus the full cache's, paired over the articles, so a
+    reader sees where H2O holds (within noise of the full cache) and where it does not."""
+    full = next((p for p in points if p["policy"] == "full"), None)
+    lines = []
+    for p in (p for p in points if p["policy"] == "h2o" and full is not None):
+        mean, ci = _mean_ci([a - b for a, b in zip(p["per_article"]["rouge_2"], full["per_article"]["rouge_2"])])
+        verdict = "holds: within noise" if abs(mean) <= ci else "loses: beyond noise"
+        lines.append(f"- {p['budget']:.0%}: {mean:+.4f} ± {ci:.4f} per article ({verdict})")
+    return lines
+
+
 def best_per_budget(points: list[dict]) -> list[str]:
     """One line per budget: the best policy by ROUGE-2, and whether it beats H2O beyond noise."""
     return _best_lines(points, lambda p: p["per_article"]["rouge_2"], True, "ROUGE-2")
@@ -129,6 +141,9 @@ def markdown(table: list[dict], points: list[dict], settings: dict | None = None
         "",
         "Closest to the full cache (lowest KL) at each budget:",
         *closest_per_budget(points),
+        "",
+        "H2O's ROUGE-2 minus the full cache's on the same articles:",
+        *h2o_against_full(points),
     ]
     return "\n".join(lines + notes) + "\n"
 

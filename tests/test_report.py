@@ -41,6 +41,10 @@ def test_report_tables_plots_and_a_verdict_on_noise(tmp_path):
     assert rows[("h2o", 0.2)]["rouge_2_vs_full"] == pytest.approx(0.8)
     assert rows[("h2o", 0.2)]["kv_vs_full"] == pytest.approx(0.2)
     assert rows[("h2o", 0.2)]["kl_mean"] == pytest.approx(1.0) and rows[("h2o", 0.2)]["agreement"] == 0.75
+    assert report.h2o_against_full(report.load(tmp_path)) == [
+        "- 10%: -0.0500 ± 0.0160 per article (loses: beyond noise)",
+        "- 20%: -0.0200 ± 0.0000 per article (loses: beyond noise)",
+    ]
     verdicts = report.best_per_budget(report.load(tmp_path))
     assert verdicts[0].startswith("- 10%: **h2o**")
     assert verdicts[1].startswith("- 20%: **local**") and "within noise" in verdicts[1]
