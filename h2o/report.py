@@ -155,7 +155,8 @@ def new_figure() -> tuple[plt.Figure, plt.Axes]:
 def save_figure(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
     """Grid, the legend beside the axes (lines stay unhidden), and a PNG readable on any screen."""
     ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -211,6 +212,23 @@ def kl_by_step_plot(folder: Path, points: list[dict], budget: float = 0.2) -> No
     save_figure(fig, ax, folder / "kl_by_step.png")
 
 
+def summaries(folder: Path) -> None:
+    """`summaries.jsonl`: per article (in the task file's order), each point's generated text side
+    by side. The HELM results files under results/ are large and stay out of version control."""
+    texts = {}
+    for path in sorted((folder / "results").glob("*.jsonl")):
+        lines = path.read_text().splitlines()
+        texts[path.stem] = [json.loads(line)["result"]["choices"][0]["text"] for line in lines]
+    if not texts:
+        return
+    order = sorted(texts, key=lambda name: (name != "full", name))
+    count = max(len(t) for t in texts.values())
+    with open(folder / "summaries.jsonl", "w") as handle:
+        for article in range(count):
+            row = {"article": article, **{name: texts[name][article] for name in order if article < len(texts[name])}}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def write(folder: Path) -> None:
     points = load(folder)
     if not points:
@@ -224,3 +242,4 @@ def write(folder: Path) -> None:
     (folder / "results.md").write_text(markdown(table, points, json.loads(settings.read_text()) if settings.exists() else None))
     plots(folder, table)
     kl_by_step_plot(folder, points)
+    summaries(folder)

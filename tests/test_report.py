@@ -85,3 +85,15 @@ def test_when_h2o_is_best_it_is_weighed_against_the_runner_up(tmp_path):
     _point(tmp_path, "local", 0.04, [0.0, 0.0, 0.0, 0.0])
     [line] = report.best_per_budget(report.load(tmp_path))
     assert line.startswith("- 4%: **h2o**") and "vs tova +0.0200 ± 0.0000" in line and "beyond noise" in line
+
+
+def test_summaries_put_every_points_text_side_by_side(tmp_path):
+    (tmp_path / "points").mkdir()
+    (tmp_path / "results").mkdir()
+    _point(tmp_path, "full", 1.0, [0.1, 0.1])
+    for name, texts in (("full", ["a", "b"]), ("h2o-20", ["c", "d"])):
+        lines = [json.dumps({"request": {}, "result": {"choices": [{"text": t}]}}) for t in texts]
+        (tmp_path / "results" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    report.write(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "summaries.jsonl").read_text().splitlines()]
+    assert rows == [{"article": 0, "full": "a", "h2o-20": "c"}, {"article": 1, "full": "b", "h2o-20": "d"}]
