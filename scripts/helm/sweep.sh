@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Budget sweep: bash scripts/helm/sweep.sh [task] [model] [model_arch] [h2o.sweep flags...]
-# Full cache, then h2o, local, sink, tova and h2o-avg at 4, 10, 20, 40 and 60% of the prompt,
+# Full cache, then h2o, local, sink, tova, h2o-avg and h2o-sink at 4, 10, 20, 40 and 60% of the prompt,
 # each scored by HELM and against the full cache; report in reports/<task>-<model>/.
 # Resumable: finished points are never recomputed. Flags: --n (articles, 200), --fidelity_n (50),
-# --batch_size, --budgets 0.1,0.2, --policies h2o,local (python -m h2o.sweep --help).
+# --batch_size, --dtype bfloat16, --budgets 0.1,0.2, --policies h2o,local (python -m h2o.sweep --help).
 source "$(dirname "$0")/common.sh"  # repository root, PYTHON
 task=${1:-xsum}
 model=${2:-smollm2}
