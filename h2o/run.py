@@ -14,7 +14,7 @@ from h2o import distributed, helm_io, models
 from h2o.attention import ATTENTION_IMPLEMENTATIONS
 from h2o.cache import KV_MODES
 from h2o.generation import Eviction, Sampling, generate
-from h2o.policies import POLICIES, make_policy
+from h2o.policies import POLICIES, WithSinks, make_policy
 
 log = logging.getLogger("run_helm")
 CHAT_TEMPLATE = ("auto", "on", "off")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         _check(args)
-        options = {"sink_size": args.sink_size} if args.policy in ("sink", "h2o-sink") else {}
+        options = {"sink_size": args.sink_size} if issubclass(POLICIES[args.policy], WithSinks) else {}
         policy = (make_policy(args.policy, args.heavy_ratio, args.recent_ratio, **options)
                   if args.enable_small_cache else None)
         requests = helm_io.read_requests(args.input_path)[: args.sample_num]

@@ -1,6 +1,6 @@
 """Eviction policies by name. Adding one: a module with a `Policy` subclass and a line below."""
 
-from h2o.policies.base import Budget, Observation, Policy, Selection
+from h2o.policies.base import Budget, Observation, Policy, Selection, WithSinks
 from h2o.policies.h2o import H2O
 from h2o.policies.h2o_avg import H2OAverage
 from h2o.policies.h2o_sink import H2OSink
@@ -17,4 +17,4 @@ def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: o
     return POLICIES[name](heavy_ratio, recent_ratio, **options)
 
 
-__all__ = ["Budget", "Observation", "POLICIES", "Policy", "Selection", "make_policy"]
+__all__ = ["Budget", "Observation", "POLICIES", "Policy", "Selection", "WithSinks", "make_policy"]

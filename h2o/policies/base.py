@@ -127,3 +127,13 @@ class Policy(ABC):
         active = torch.where(over_budget, window | chosen, present)
         retained = torch.where(over_budget, active | leaving, present)
         return Selection(active=active, retained=retained)
+
+
+class WithSinks(Policy):
+    """A policy that always keeps the first `sink_size` tokens (`--sink_size`)."""
+
+    def __init__(self, heavy_ratio: float, recent_ratio: float, sink_size: int = 4) -> None:
+        super().__init__(heavy_ratio, recent_ratio)
+        if sink_size < 0:
+            raise ValueError(f"--sink_size must be >= 0, got {sink_size}")
+        self.sink_size = sink_size

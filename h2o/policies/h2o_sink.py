@@ -2,21 +2,15 @@
 
 import torch
 
-from h2o.policies.base import Policy
+from h2o.policies.base import WithSinks
 
 
-class H2OSink(Policy):
+class H2OSink(WithSinks):
     """H2O whose heavy set always holds the first `sink_size` tokens (StreamingLLM's sinks), the
     rest chosen by accumulated attention; with no heavy budget there are no sinks. Asks whether
     H2O loses by letting the sinks go."""
 
     name = "h2o-sink"
-
-    def __init__(self, heavy_ratio: float, recent_ratio: float, sink_size: int = 4) -> None:
-        super().__init__(heavy_ratio, recent_ratio)
-        if sink_size < 0:
-            raise ValueError(f"--sink_size must be >= 0, got {sink_size}")
-        self.sink_size = sink_size
 
     def rank(self, scores: torch.Tensor, views: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # The sinks come out of the heavy budget and always win its top-k (empty slots, at -1,

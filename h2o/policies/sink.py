@@ -2,21 +2,15 @@
 
 import torch
 
-from h2o.policies.base import Budget, Policy
+from h2o.policies.base import Budget, WithSinks
 
 
-class Sink(Policy):
+class Sink(WithSinks):
     """Keeps the first `sink_size` tokens and the most recent ones. The two ratios give the total
     budget, as for the other policies; the sinks come out of it."""
 
     name = "sink"
     parks_leaving_token = False
-
-    def __init__(self, heavy_ratio: float, recent_ratio: float, sink_size: int = 4) -> None:
-        super().__init__(heavy_ratio, recent_ratio)
-        if sink_size < 0:
-            raise ValueError(f"--sink_size must be >= 0, got {sink_size}")
-        self.sink_size = sink_size
 
     def budget(self, prompt_len: int) -> Budget:
         total = int((self.heavy_ratio + self.recent_ratio) * prompt_len)
