@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from h2o import helm_io, models, report
+from h2o import helm_io, models, policies, report
 from h2o.fidelity import against_full, full_reference
 from h2o.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
@@ -50,9 +50,10 @@ class Point:
         return "full" if self.policy == "full" else f"{self.policy}-{round(self.budget * 100):02d}"
 
     def ratios(self) -> tuple[float, float]:
-        """(heavy, recent): H2O splits its budget half and half, as the paper; local is all recent;
-        for sink and tova the two only give the total."""
-        if self.policy in ("h2o", "h2o-avg", "h2o-sink"):
+        """(heavy, recent): a policy on the paper's heavy + recent budget (H2O and its variants)
+        splits it half and half, as the paper; local is all recent; a policy with a budget of its
+        own (sink, tova) reads only the total."""
+        if self.policy in policies.POLICIES and policies.POLICIES[self.policy].budget is policies.Policy.budget:
             return self.budget / 2, self.budget / 2
         return 0.0, self.budget
 
@@ -69,8 +70,8 @@ class Point:
         return Eviction(make_policy("h2o" if self.policy == "local" else self.policy, heavy, recent), "drop")
 
 
-def points(policies: list[str], budgets: list[float]) -> list[Point]:
-    return [Point("full", 1.0)] + [Point(p, b) for b in budgets for p in policies]
+def points(names: list[str], budgets: list[float]) -> list[Point]:
+    return [Point("full", 1.0)] + [Point(p, b) for b in budgets for p in names]
 
 
 def _slug(model: str) -> str:

@@ -11,6 +11,7 @@ from h2o.sweep import Point, points
 def test_points_split_budgets_as_the_paper():
     assert Point("h2o", 0.2).ratios() == (0.1, 0.1)
     assert Point("local", 0.2).ratios() == (0.0, 0.2)
+    assert Point("h2o-sink", 0.2).ratios() == (0.1, 0.1) and Point("tova", 0.2).ratios() == (0.0, 0.2)
     assert Point("local", 0.2).run_flags()[:3] == ["--enable_small_cache", "--policy", "h2o"]
     assert Point("sink", 0.04).name == "sink-04" and Point("full", 1.0).run_flags() == []
     grid = points(["h2o", "local"], [0.1, 0.2])
