@@ -21,17 +21,15 @@ Writes `analysis.json`, `analysis.md` and `recall_by_layer.png` beside the sweep
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from h2o import helm_io, models, report
-from h2o.generation import Decoder, Eviction, Sampling, generate
+from h2o import models, report
+from h2o.generation import Decoder, Eviction
 from h2o.policies import Budget, Policy
-from h2o.run import encode
-from h2o.sweep import ROOT, Point, _slug, _write_json, add_model_flags
+from h2o.sweep import POLICIES, Point, _write_json, add_model_flags, greedy_continuations, report_folder, task_prompts
 
 DECILES = 10
 SINKS = 4  # "the first tokens", as StreamingLLM's default
@@ -213,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=20, help="articles")
     p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.04, 0.2])
     p.add_argument("--policies", type=lambda s: s.split(","),
-                   default=["h2o", "local", "sink", "tova", "h2o-avg", "h2o-sink"])
+                   default=list(POLICIES))
     args = p.parse_args(argv)
     if args.n < 1 or any(not 0 < b < 1 for b in args.budgets):
         print("analysis: error: --n must be at least 1 and --budgets lie in (0, 1)", file=sys.stderr)
@@ -226,13 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"analysis: error: {error}", file=sys.stderr)
         return 2
-    folder = Path(args.reports) / f"{args.task}-{_slug(args.model)}"
+    folder = report_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
     model = models.load_model(args.model, "cpu", args.dtype)
-    requests = helm_io.read_requests(ROOT / "data" / f"{args.task}.jsonl")[: args.n]
-    prompts = [encode(tokenizer, r.prompt, args.chat_template)[0] for r in requests]
-    continuations = [generate(model, tokenizer, [p], [Sampling(max_new_tokens=r.max_tokens, stop=r.stop)])[0].token_ids
-                     for p, r in zip(prompts, requests)]
+    requests, prompts = task_prompts(args, tokenizer, args.n)
+    continuations = greedy_continuations(model, tokenizer, requests, prompts, [[i] for i in range(len(prompts))])
     analysis = {"dtype": args.dtype, **analyse(model, prompts, continuations, points)}
     _write_json(folder / "analysis.json", analysis)
     (folder / "analysis.md").write_text(markdown(analysis, folder))

@@ -111,45 +111,58 @@ def _kv(results: Path) -> dict:
     return {"kv_bytes_peak": mean("kv_bytes_peak"), "kv_bytes_full": mean("kv_bytes_full")}
 
 
+def report_folder(args: argparse.Namespace) -> Path:
+    return Path(args.reports) / f"{args.task}-{_slug(args.model)}"
+
+
+def task_prompts(args: argparse.Namespace, tokenizer, n: int) -> tuple[list[helm_io.Request], list[list[int]]]:
+    """The task's first `n` requests and their prompts' token ids, formatted as the runs format them."""
+    requests = helm_io.read_requests(ROOT / "data" / f"{args.task}.jsonl")[:n]
+    return requests, [encode(tokenizer, r.prompt, args.chat_template)[0] for r in requests]
+
+
+def in_batches(batches: list[list[int]], compute) -> list:
+    """`compute(rows)` for each batch of article indices; the results back in article order."""
+    results = [None] * sum(len(rows) for rows in batches)
+    for rows in batches:
+        for i, value in zip(rows, compute(rows)):
+            results[i] = value
+    return results
+
+
+def greedy_continuations(model, tokenizer, requests: list[helm_io.Request], prompts: list[list[int]],
+                         batches: list[list[int]]) -> list[list[int]]:
+    """The full cache's greedy token ids for each prompt, up to the request's length and stops."""
+    return in_batches(batches, lambda rows: [c.token_ids for c in generate(
+        model, tokenizer, [prompts[i] for i in rows],
+        [Sampling(max_new_tokens=requests[i].max_tokens, stop=requests[i].stop) for i in rows])])
+
+
 class Fidelities:
     """Teacher-forced comparison with the full cache's greedy continuations and log-probabilities
     (both computed once, the continuations kept on disk)."""
 
     def __init__(self, folder: Path, args: argparse.Namespace) -> None:
-        self.tokenizer, _ = models.load_tokenizer(args.model, args.arch)
+        tokenizer, _ = models.load_tokenizer(args.model, args.arch)
         self.model = models.load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype)
-        requests = helm_io.read_requests(ROOT / "data" / f"{args.task}.jsonl")[: args.fidelity_n]
-        prompts = [encode(self.tokenizer, r.prompt, args.chat_template)[0] for r in requests]
-        # Batches of similar lengths waste little on padding; results go back in article order.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        requests, self.prompts = task_prompts(args, tokenizer, args.fidelity_n)
+        # Batches of similar lengths waste little on padding.
+        order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
         self.batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-        self.prompts = prompts
         cached = folder / "fidelity_reference.json"
-        if cached.exists() and len(json.loads(cached.read_text())) == len(prompts):
-            self.continuations = json.loads(cached.read_text())
-        else:
-            self.continuations = [[] for _ in prompts]
-            for rows in self.batches:
-                done = generate(self.model, self.tokenizer, [prompts[i] for i in rows],
-                                [Sampling(max_new_tokens=requests[i].max_tokens, stop=requests[i].stop) for i in rows])
-                for i, completion in zip(rows, done):
-                    self.continuations[i] = completion.token_ids
-            _write_json(cached, self.continuations)
-        self.reference = [None] * len(prompts)
-        for rows in self.batches:
-            full = full_reference(self.model, *self._pick(rows))
-            for i, logprobs in zip(rows, full):
-                self.reference[i] = logprobs
+        continuations = json.loads(cached.read_text()) if cached.exists() else []
+        if len(continuations) != len(self.prompts):
+            continuations = greedy_continuations(self.model, tokenizer, requests, self.prompts, self.batches)
+            _write_json(cached, continuations)
+        self.continuations = continuations
+        self.reference = in_batches(self.batches, lambda rows: full_reference(self.model, *self._pick(rows)))
 
     def _pick(self, rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:
         return [self.prompts[i] for i in rows], [self.continuations[i] for i in rows]
 
     def measure(self, point: Point) -> dict:
-        runs = [None] * len(self.prompts)
-        for rows in self.batches:
-            measured = against_full(self.model, *self._pick(rows), point.eviction(), [self.reference[i] for i in rows])
-            for i, fidelity in zip(rows, measured):
-                runs[i] = fidelity
+        runs = in_batches(self.batches, lambda rows: against_full(
+            self.model, *self._pick(rows), point.eviction(), [self.reference[i] for i in rows]))
         # Where along the summary the caches part: mean KL at each generated token's index.
         by_step = [[r.kl[t] for r in runs if t < len(r.kl)] for t in range(max(len(r.kl) for r in runs))]
         return {"kl_per_article": [r.mean_kl for r in runs], "agreement_per_article": [r.agreement for r in runs],
@@ -172,7 +185,7 @@ def _check_settings(folder: Path, args: argparse.Namespace) -> None:
 
 
 def sweep(args: argparse.Namespace) -> Path:
-    folder = Path(args.reports) / f"{args.task}-{_slug(args.model)}"
+    folder = report_folder(args)
     (folder / "points").mkdir(parents=True, exist_ok=True)
     (folder / "results").mkdir(exist_ok=True)
     _check_settings(folder, args)
