@@ -68,14 +68,12 @@ def _best_lines(points: list[dict], values, higher_is_better: bool, label: str) 
         here = [p for p in points if p["budget"] == budget and p["policy"] != "full" and values(p)]
         if not here:
             continue
-        pick = max if higher_is_better else min
-        best = pick(here, key=lambda p: _mean_ci(values(p))[0])
+        ranked = sorted(here, key=lambda p: _mean_ci(values(p))[0], reverse=higher_is_better)
+        best = ranked[0]
         h2o = next((p for p in here if p["policy"] == "h2o"), None)
         line = f"- {budget:.0%}: **{best['policy']}** ({label} {_mean_ci(values(best))[0]:.4f}, n={len(values(best))})"
         # Against H2O; when H2O is the best, against the runner-up.
-        others = sorted((p for p in here if p is not best), key=lambda p: _mean_ci(values(p))[0],
-                        reverse=higher_is_better)
-        other = h2o if best is not h2o else (others[0] if others else None)
+        other = h2o if best is not h2o else (ranked[1] if len(ranked) > 1 else None)
         if other is not None:
             mean, ci = _mean_ci([a - b for a, b in zip(values(best), values(other))])
             verdict = "beyond noise" if abs(mean) > ci else "within noise"
