@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from h2o import jsonl  # noqa: E402
 from h2o.models import DEFAULT_MODEL  # noqa: E402
 from h2o.policies import POLICIES  # noqa: E402
 
@@ -215,8 +216,7 @@ def summaries(folder: Path) -> None:
     by side. The HELM results files under results/ are large and stay out of version control."""
     texts = {}
     for path in sorted((folder / "results").glob("*.jsonl")):
-        lines = path.read_text().splitlines()
-        texts[path.stem] = [json.loads(line)["result"]["choices"][0]["text"] for line in lines]
+        texts[path.stem] = [line.record["result"]["choices"][0]["text"] for line in jsonl.objects(path)]
     if not texts:
         return
     order = sorted(texts, key=lambda name: (name != "full", name))

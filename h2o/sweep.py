@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from h2o import helm_io, models, policies, report
+from h2o import helm_io, jsonl, models, policies, report
 from h2o.fidelity import against_full, full_reference
 from h2o.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
@@ -106,7 +106,7 @@ def _scores(run: Path) -> dict:
 
 
 def _kv(results: Path) -> dict:
-    lines = [json.loads(line)["result"]["kv_cache"] for line in results.read_text().splitlines()]
+    lines = [line.record["result"]["kv_cache"] for line in jsonl.objects(results)]
     mean = lambda key: sum(kv[key] for kv in lines) / len(lines)  # noqa: E731
     return {"kv_bytes_peak": mean("kv_bytes_peak"), "kv_bytes_full": mean("kv_bytes_full")}
 
