@@ -100,6 +100,21 @@ def _finish(
     return Completion(text, pieces, ids, logprobs, tops, offsets, reason)
 
 
+def left_pad(
+    prompts: list[list[int]], pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompts right-aligned in one (B, width) batch: token ids, which are real tokens, and
+    each token's position (padding counts for nothing)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        valid[row, width - len(prompt):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    return ids, valid, (valid.cumsum(-1) - 1).clamp(min=0)
+
+
 class Decoder:
     """Forward passes for one batch and its KV cache: `prefill()` once, then `step(tokens)` for
     one token per sequence. Prompts are left-padded; positions count real tokens only."""
@@ -108,13 +123,7 @@ class Decoder:
                  pad_id: int = 0) -> None:
         self.model, self.eviction = model, eviction
         device = model.device
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((batch, width), pad_id, dtype=torch.long)
-        valid = torch.zeros(batch, width, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            valid[row, width - len(prompt):] = True
-        self.ids, self.valid = ids.to(device), valid.to(device)
+        self.ids, self.valid, self.prompt_positions = left_pad(prompts, pad_id, device)
         self.lengths = self.valid.sum(-1)
         self.steps = 0
         config = model.config
@@ -140,8 +149,7 @@ class Decoder:
 
     def prefill(self) -> torch.Tensor:
         """Next-token logits after each prompt, (B, vocab)."""
-        positions = (self.valid.cumsum(-1) - 1).clamp(min=0)
-        return self._forward(self.ids, positions, self.valid, logits_to_keep=1)
+        return self._forward(self.ids, self.prompt_positions, self.valid, logits_to_keep=1)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence, (B,); next-token logits, (B, vocab)."""

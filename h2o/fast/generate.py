@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from h2o.fast.cache import ATTENTION, FastCache
+from h2o.generation import left_pad
 from h2o.policies import Policy
 
 # How often (in steps) the decode loop looks whether every row has ended: each look waits for
@@ -47,15 +48,7 @@ class FastDecoder:
         self.model.set_attn_implementation(ATTENTION)
         for start in range(0, len(self.prompts), self.prefill_rows):
             rows = slice(start, min(len(self.prompts), start + self.prefill_rows))
-            chunk = self.prompts[rows]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
-            valid = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for row, prompt in enumerate(chunk):
-                ids[row, width - len(prompt):] = torch.tensor(prompt)
-                valid[row, width - len(prompt):] = True
-            ids, valid = ids.to(self.device), valid.to(self.device)
-            positions = (valid.cumsum(-1) - 1).clamp(min=0)
+            ids, valid, positions = left_pad(self.prompts[rows], self.pad_token_id, self.device)
             self.cache.begin_prefill(rows, positions, valid)
             logits = self.model(input_ids=ids, position_ids=positions, cache=self.cache,
                                 eviction_cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
