@@ -1,34 +1,25 @@
-"""Batched autoregressive generation with a full or an evicting KV cache.
+"""The reference engine: batched autoregressive generation with a full or an evicting KV cache.
 
 One prefill over the left-padded prompts, then one token per step for every sequence. Each
-sequence has its own positions (padding never counts as a token), its own random generator
-(seeded from the request, so results do not depend on batching or resuming) and its own stop
-conditions. Greedy when the temperature is 0.
+sequence has its own positions (padding never counts as a token) and its own stop conditions;
+the choice of tokens (`h2o.sampling`) and the finished text (`h2o.completion`) are shared with the
+fast engine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from h2o.attention import ATTENTION_IMPLEMENTATIONS
 from h2o.cache import EvictingCache, KVMode
+from h2o.completion import Completion, Transcript, eos_ids
 from h2o.policies import Policy
+from h2o.sampling import Sampler, Sampling
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one request is decoded (HELM's request fields)."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: tuple[str, ...] = ()
-    top_logprobs: int = 1
-    seed: int = 0
+__all__ = ["Completion", "Decoder", "Eviction", "Sampling", "generate", "kv_bytes_per_token", "left_pad"]
 
 
 @dataclass(frozen=True)
@@ -38,66 +29,6 @@ class Eviction:
     policy: Policy
     mode: KVMode = "drop"
     attention: str = "eager"
-
-
-@dataclass
-class Completion:
-    text: str
-    tokens: list[str]
-    token_ids: list[int]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-    finish_reason: str
-    kv_cache: dict = field(default_factory=dict)
-
-
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-def _choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / sampling.temperature
-    if sampling.top_k > 0:
-        kth = logits.topk(min(sampling.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the first over top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _finish(
-    tokenizer: PreTrainedTokenizerBase,
-    ids: list[int],
-    logprobs: list[float],
-    tops: list[dict[str, float]],
-    stop: tuple[str, ...],
-    reason: str,
-) -> Completion:
-    """Text, per-token pieces and offsets, cut at the first stop sequence."""
-    pieces, offsets, text = [], [], ""
-    for i in range(len(ids)):
-        full = tokenizer.decode(ids[: i + 1])
-        offsets.append(len(text))
-        pieces.append(full[len(text):])
-        text = full
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    if cut >= 0:
-        text, reason = text[:cut], "stop"
-        kept = sum(1 for o in offsets if o < cut)
-        ids, pieces, offsets = ids[:kept], pieces[:kept], offsets[:kept]
-        logprobs, tops = logprobs[:kept], tops[:kept]
-    return Completion(text, pieces, ids, logprobs, tops, offsets, reason)
 
 
 def left_pad(
@@ -172,66 +103,51 @@ def generate(
     """Generate one completion per prompt (token ids, no padding), all in one batch."""
     if len(prompts) != len(sampling):
         raise ValueError("one Sampling per prompt")
-    batch = len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decoder = Decoder(model, prompts, eviction, pad)
     logits = decoder.prefill()
 
-    eos = _eos_ids(model, tokenizer)
-    generators = [torch.Generator().manual_seed(s.seed) for s in sampling]
-    out_ids: list[list[int]] = [[] for _ in prompts]
-    out_logprobs: list[list[float]] = [[] for _ in prompts]
-    out_tops: list[list[dict[str, float]]] = [[] for _ in prompts]
-    reasons: list[str | None] = [None] * batch
+    eos = eos_ids(model, tokenizer)
+    sampler = Sampler.for_requests(sampling, logits.device)
+    transcripts = [Transcript(tokenizer, s, eos) for s in sampling]
     steps = max(s.max_new_tokens for s in sampling)
-
     for step in range(steps):
-        logprobs = logits.log_softmax(-1)
-        next_ids = torch.zeros(batch, dtype=torch.long)
-        for row in range(batch):
-            if reasons[row] is not None:
-                continue
-            token = _choose(logits[row], sampling[row], generators[row])
-            next_ids[row] = token
-            if token in eos:
-                reasons[row] = "endoftext"
-                continue
-            out_ids[row].append(token)
-            out_logprobs[row].append(float(logprobs[row, token]))
-            top = logprobs[row].topk(max(1, sampling[row].top_logprobs))
-            out_tops[row].append(
-                {tokenizer.decode([i]): float(v) for v, i in zip(top.values.tolist(), top.indices.tolist())}
-            )
-            stop = sampling[row].stop
-            if stop and any(s in tokenizer.decode(out_ids[row]) for s in stop):
-                reasons[row] = "stop"
-            elif len(out_ids[row]) >= sampling[row].max_new_tokens:
-                reasons[row] = "length"
-        if all(r is not None for r in reasons) or step == steps - 1:
+        choice = sampler.choose(logits, torch.full((len(prompts),), step, device=logits.device))
+        tokens, chosen = choice.tokens.tolist(), choice.logprobs.tolist()
+        top_values, top_ids = choice.top_logprobs.tolist(), choice.top_ids.tolist()
+        for row, transcript in enumerate(transcripts):
+            if transcript.reason is None:
+                transcript.add(tokens[row], chosen[row], top_values[row], top_ids[row])
+        if all(t.reason is not None for t in transcripts) or step == steps - 1:
             break
-        logits = decoder.step(next_ids)
+        # Rows already done still take a step; what they compute is never read.
+        logits = decoder.step(choice.tokens)
 
     completions = []
-    for row in range(batch):
-        done = _finish(tokenizer, out_ids[row], out_logprobs[row], out_tops[row],
-                       sampling[row].stop, reasons[row] or "length")
-        done.kv_cache = _kv_report(model, decoder.cache, eviction, row, len(prompts[row]), len(out_ids[row]))
+    for row, transcript in enumerate(transcripts):
+        done = transcript.finish()
+        done.kv_cache = _kv_report(model, decoder.cache, eviction, row, len(prompts[row]), len(transcript.ids))
         completions.append(done)
     return completions
 
 
-def _kv_report(model, cache, eviction: Eviction | None, row: int, prompt_len: int, generated: int) -> dict:
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """Bytes of one token's keys and values over all layers and KV heads."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    slot_bytes = 2 * head_dim * model.dtype.itemsize
-    per_token = config.num_hidden_layers * config.num_key_value_heads * slot_bytes
+    return config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim * model.dtype.itemsize
+
+
+def _kv_report(model, cache, eviction: Eviction | None, row: int, prompt_len: int, generated: int) -> dict:
+    per_token = kv_bytes_per_token(model)
     # The last token's key and value are never written: a full cache peaks one short of the end.
     full = (prompt_len + max(0, generated - 1)) * per_token
     if eviction is None:
-        return {"policy": "full", "mode": "full", "prompt_tokens": prompt_len,
+        return {"engine": "reference", "policy": "full", "mode": "full", "prompt_tokens": prompt_len,
                 "kv_bytes_peak": full, "kv_bytes_full": full}
     budget = cache.budgets[row]
     return {
+        "engine": "reference",
         "policy": eviction.policy.name,
         "mode": eviction.mode,
         "heavy_ratio": eviction.policy.heavy_ratio,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 from h2o import jsonl
-from h2o.generation import Completion
+from h2o.completion import Completion
 
 
 class InputError(ValueError):

@@ -8,7 +8,8 @@ import torch
 
 from conftest import ROOT, random_prompts
 from h2o.fast import FastCache, FastLayer, generate_fast, kernels
-from h2o.generation import Eviction, Sampling, _eos_ids, generate
+from h2o.completion import eos_ids as _eos_ids
+from h2o.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 
 NEW_TOKENS = 16

@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from h2o.attention import attend
 from h2o.fast import kernels
-from h2o.policies import Observation, Policy
+from h2o.policies import Budget, Observation, Policy
 
 
 class FastCache(Cache):
@@ -43,6 +43,9 @@ class FastCache(Cache):
         prompt_lengths: list[int],
         device: torch.device | str = "cpu",
         use_kernels: bool | None = None,
+        *,
+        budgets: list[Budget] | None = None,
+        has_heavy: bool | None = None,
     ) -> None:
         if type(policy).select is not Policy.select:
             raise ValueError(f"the fast path implements Policy.select; {type(policy).__name__} overrides it")
@@ -55,13 +58,16 @@ class FastCache(Cache):
             raise ValueError("the Triton kernels need Triton on this device and H2O's own scoring")
         self.policy = policy
         self.use_kernels = use_kernels
-        self.budgets = [policy.budget(n) for n in prompt_lengths]
-        self.batch = len(prompt_lengths)
+        # `budgets` overrides the policy's (the full cache: no heavy hitters, a window as long as
+        # prompt + max_tokens).
+        self.budgets = budgets if budgets is not None else [policy.budget(n) for n in prompt_lengths]
+        self.batch = len(self.budgets)
         self.capacity = max(b.total for b in self.budgets) + 1
         self.heavy = torch.tensor([b.heavy for b in self.budgets], device=device)
         self.recent = torch.tensor([b.recent for b in self.budgets], device=device)
         # No heavy hitters anywhere: scores are never read, so the kernels never compute them.
-        self.has_heavy = any(b.heavy > 0 for b in self.budgets)
+        # Rows that will be re-assigned later say so with `has_heavy`.
+        self.has_heavy = any(b.heavy > 0 for b in self.budgets) if has_heavy is None else has_heavy
         # `views` only matter to a policy whose ranking may read them.
         self.tracks_views = type(policy).rank is not Policy.rank
         # A policy that lets the leaving token compete at once may have two candidates too many
@@ -75,9 +81,28 @@ class FastCache(Cache):
         self.unpadded = False
         super().__init__(layers=[FastLayer(self, i) for i in range(num_layers)])
 
-    def begin_prefill(self, rows: slice, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """The next forward is the prompts of batch rows `rows`: (rows, n) positions, and which
-        tokens are real (left padding is not)."""
+    def assign(self, rows: list[int], budgets: list[Budget]) -> None:
+        """Batch rows `rows` take new sequences with these budgets (their prompts come next, by
+        `begin_prefill`); slots grow if a budget needs more."""
+        for row, budget in zip(rows, budgets):
+            self.budgets[row] = budget
+        index = torch.tensor(rows, device=self.heavy.device)
+        self.heavy[index] = torch.tensor([b.heavy for b in budgets], device=self.heavy.device)
+        self.recent[index] = torch.tensor([b.recent for b in budgets], device=self.heavy.device)
+        self.reserve(max(b.total for b in budgets) + 1)
+
+    def reserve(self, capacity: int) -> None:
+        """At least `capacity` slots per (sequence, KV head); existing slots keep their place."""
+        if capacity <= self.capacity:
+            return
+        self.capacity = capacity
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.grow(capacity)
+
+    def begin_prefill(self, rows: slice | torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """The next forward is the prompts of batch rows `rows` (a slice or an index tensor):
+        (rows, n) positions, and which tokens are real (left padding is not)."""
         self.rows = rows
         self.query_positions = positions
         self.query_valid = valid
@@ -119,6 +144,18 @@ class FastLayer(CacheLayerMixin):
         self.scores = torch.zeros(b, h, s, dtype=torch.float32, device=self.device)
         self.views = torch.zeros(b, h, s, dtype=torch.float32, device=self.device)
         self.is_initialized = True
+
+    def grow(self, capacity: int) -> None:
+        """Widen every per-slot tensor to `capacity` slots; the new ones are free."""
+        extra = capacity - self.keys.shape[2]
+
+        def wider(t: torch.Tensor, fill: float | int | bool) -> torch.Tensor:
+            pad = t.new_full((*t.shape[:2], extra, *t.shape[3:]), fill)
+            return torch.cat([t, pad], dim=2)
+
+        self.keys, self.values = wider(self.keys, 0), wider(self.values, 0)
+        self.positions, self.active = wider(self.positions, -1), wider(self.active, False)
+        self.scores, self.views = wider(self.scores, 0.0), wider(self.views, 0.0)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -192,6 +229,11 @@ class FastLayer(CacheLayerMixin):
         self.scores[rows, :, :width] = (scores * chosen.retained).gather(2, order) * filled
         if owner.tracks_views:
             self.views[rows, :, :width] = views.gather(2, order) * filled
+        if width < owner.capacity:  # a row re-assigned to a new sequence: its old slots go
+            self.positions[rows, :, width:] = -1
+            self.active[rows, :, width:] = False
+            self.scores[rows, :, width:] = 0.0
+            self.views[rows, :, width:] = 0.0
 
     def _evict(self, scores: torch.Tensor, seen: torch.Tensor) -> None:
         """`Policy.select` for one decode step, in place and without a host sync: the lowest-ranked

@@ -1,0 +1,233 @@
+"""The fast engine: HELM requests served on a `FastCache` with continuous batching.
+
+`rows` sequences decode at once. Every `steps_per_check` steps the host reads what the rows
+chose (one copy), hands it to each request's `Transcript` (end of text, stop sequences,
+max_tokens), and gives each row that finished to the next request: its prompt is prefilled into
+that row's slots while the other rows keep theirs, so a batch never waits for its longest member.
+Between two checks the rows decode without the host: on CUDA those `steps_per_check` steps
+(model, eviction and the choice of tokens, `h2o.sampling`) are one captured CUDA graph.
+
+Requests are taken shortest prompt first, so the slots (sized by the largest budget admitted so
+far) grow a few times instead of being sized for the longest prompt from the start; the graph is
+captured again after each growth. A finished row may decode a few tokens past its end before the
+next check: they are computed and thrown away, and its state is never read again.
+
+The full cache is the same machinery with no heavy hitters and a window of prompt + max_tokens:
+nothing is ever evicted, so full, h2o and local run on the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from h2o.completion import Completion, Transcript, eos_ids
+from h2o.fast.cache import ATTENTION, FastCache
+from h2o.generation import kv_bytes_per_token, left_pad
+from h2o.policies import Budget, Policy, make_policy
+from h2o.sampling import Choice, Sampler, Sampling
+
+# Tokens per prefill forward (rows x padded length): large enough to keep a GPU's matrix units
+# busy on short prompts, small enough that one layer's full-length keys stay modest.
+PREFILL_TOKENS = 16384
+STEPS_PER_CHECK = 16
+IDLE = Budget(heavy=0, recent=1)  # a row with no request: holds its newest token only
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    sampling: Sampling
+    budget: Budget
+    transcript: Transcript
+    started: float = 0.0
+
+
+class FastEngine:
+    """Serves a list of requests on one model; `run()` returns their completions in input order.
+    `policy` None is the full cache."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        policy: Policy | None,
+        rows: int,
+        *,
+        steps_per_check: int = STEPS_PER_CHECK,
+        prefill_tokens: int = PREFILL_TOKENS,
+        cuda_graph: bool | None = None,
+        use_kernels: bool | None = None,
+    ) -> None:
+        if rows < 1:
+            raise ValueError("rows must be at least 1")
+        self.model, self.tokenizer, self.policy, self.rows = model, tokenizer, policy, rows
+        self.steps_per_check, self.prefill_tokens = steps_per_check, prefill_tokens
+        self.device = model.device
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.use_kernels = use_kernels
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos = eos_ids(model, tokenizer)
+
+    def budget(self, prompt: list[int], sampling: Sampling) -> Budget:
+        if self.policy is None:
+            return Budget(heavy=0, recent=len(prompt) + sampling.max_new_tokens)
+        return self.policy.budget(len(prompt))
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]], sampling: list[Sampling]) -> list[Completion]:
+        if len(prompts) != len(sampling):
+            raise ValueError("one Sampling per prompt")
+        requests = [
+            _Request(i, p, s, self.budget(p, s), Transcript(self.tokenizer, s, self.eos))
+            for i, (p, s) in enumerate(zip(prompts, sampling))
+        ]
+        rows = min(self.rows, len(requests))
+        self._start(rows, requests)
+        pending = deque(sorted(requests, key=lambda r: len(r.prompt)))
+        serving: list[_Request | None] = [None] * rows
+        done: dict[int, Completion] = {}
+        while pending or any(serving):
+            free = [row for row, r in enumerate(serving) if r is None]
+            if free and pending:
+                admitted = [pending.popleft() for _ in free[: len(pending)]]
+                for row, request in zip(free, admitted):
+                    serving[row] = request
+                self._admit(free[: len(admitted)], admitted, serving, done)
+                continue  # a request may end at its first token: fill its row again first
+            self._decode(serving, done)
+        return [done[i] for i in range(len(requests))]
+
+    def _start(self, rows: int, requests: list[_Request]) -> None:
+        policy = self.policy or make_policy("h2o", 0.0, 1.0)  # never over budget: keeps everything
+        has_heavy = any(r.budget.heavy > 0 for r in requests)
+        self.cache = FastCache(policy, self.model.config.num_hidden_layers, [], self.device, self.use_kernels,
+                               budgets=[IDLE] * rows, has_heavy=has_heavy)
+        self.sampler = Sampler(rows, self.device, max(r.sampling.top_logprobs for r in requests),
+                               any(r.sampling.top_k > 0 or r.sampling.top_p < 1 for r in requests))
+        self.next_ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        self.steps = torch.zeros(rows, dtype=torch.long, device=self.device)
+        c, k = self.steps_per_check, self.sampler.top
+        self.history = Choice(
+            torch.zeros(rows, c, dtype=torch.long, device=self.device),
+            torch.zeros(rows, c, dtype=torch.float32, device=self.device),
+            torch.zeros(rows, c, k, dtype=torch.float32, device=self.device),
+            torch.zeros(rows, c, k, dtype=torch.long, device=self.device),
+        )
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_chunks = 0
+
+    def _admit(self, rows: list[int], admitted: list[_Request], serving: list, done: dict) -> None:
+        """Prefill the admitted requests into their rows and take each one's first token."""
+        now = time.perf_counter()
+        for request in admitted:
+            request.started = now
+        capacity = self.cache.capacity
+        self.cache.assign(rows, [r.budget for r in admitted])
+        if self.cache.capacity != capacity:
+            self.graph, self.eager_chunks = None, 0  # the slots moved: settle, then capture again
+        self.model.set_attn_implementation(ATTENTION)
+        order = sorted(range(len(rows)), key=lambda i: len(admitted[i].prompt))
+        logits = torch.empty(len(rows), self.model.config.vocab_size, device=self.device)
+        for group in self._slices([admitted[i] for i in order]):
+            picked = [order[i] for i in group]
+            index = torch.tensor([rows[i] for i in picked], device=self.device)
+            ids, valid, positions = left_pad([admitted[i].prompt for i in picked], self.pad, self.device)
+            self.cache.begin_prefill(index, positions, valid)
+            out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, eviction_cache=self.cache,
+                             use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits[torch.tensor(picked, device=self.device)] = out.float()
+        index = torch.tensor(rows, device=self.device)
+        self.sampler.assign(rows, [r.sampling for r in admitted])
+        choice = self.sampler.choose(logits, torch.zeros(len(rows), dtype=torch.long, device=self.device), index)
+        self.next_ids[index, 0] = choice.tokens
+        self.positions[index, 0] = torch.tensor([len(r.prompt) for r in admitted], device=self.device)
+        self.steps[index] = 1
+        tokens, chosen = choice.tokens.tolist(), choice.logprobs.tolist()
+        top_values, top_ids = choice.top_logprobs.tolist(), choice.top_ids.tolist()
+        for i, (row, request) in enumerate(zip(rows, admitted)):
+            if request.transcript.add(tokens[i], chosen[i], top_values[i], top_ids[i]):
+                self._finish(row, serving, done)
+
+    def _slices(self, requests: list[_Request]) -> list[list[int]]:
+        """Groups of (length-sorted) requests whose padded prefill fits `prefill_tokens`."""
+        groups, group = [], []
+        for i, request in enumerate(requests):
+            if group and (len(group) + 1) * len(request.prompt) > self.prefill_tokens:
+                groups.append(group)
+                group = []
+            group.append(i)
+        return groups + [group] if group else groups
+
+    def _step(self, column: int) -> None:
+        self.cache.begin_decode(self.positions)
+        logits = self.model(input_ids=self.next_ids, position_ids=self.positions, cache=self.cache,
+                            eviction_cache=self.cache, use_cache=True).logits[:, -1]
+        choice = self.sampler.choose(logits, self.steps)
+        for kept, new in zip(
+            (self.history.tokens, self.history.logprobs, self.history.top_logprobs, self.history.top_ids),
+            (choice.tokens, choice.logprobs, choice.top_logprobs, choice.top_ids),
+        ):
+            kept[:, column] = new
+        self.next_ids[:, 0] = choice.tokens
+        self.positions.add_(1)
+        self.steps.add_(1)
+
+    def _chunk(self) -> None:
+        for column in range(self.steps_per_check):
+            self._step(column)
+
+    def _decode(self, serving: list, done: dict) -> None:
+        """`steps_per_check` steps for every row, then hand each request its tokens."""
+        self.model.set_attn_implementation(ATTENTION)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.cuda_graph and self.eager_chunks > 0:
+            # One eager chunk since the last (re)allocation compiled the kernels and settled the
+            # allocations; capturing runs nothing, so replay at once.
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._chunk()
+            self.graph.replay()
+        else:
+            self._chunk()
+            self.eager_chunks += 1
+        history = [t.tolist() for t in (self.history.tokens, self.history.logprobs,
+                                        self.history.top_logprobs, self.history.top_ids)]
+        for row, request in enumerate(serving):
+            if request is None:
+                continue
+            tokens, chosen, top_values, top_ids = (h[row] for h in history)
+            for column in range(self.steps_per_check):
+                if request.transcript.add(tokens[column], chosen[column], top_values[column], top_ids[column]):
+                    self._finish(row, serving, done)
+                    break
+
+    def _finish(self, row: int, serving: list, done: dict) -> None:
+        request = serving[row]
+        serving[row] = None
+        completion = request.transcript.finish()
+        completion.kv_cache = self._kv_report(request, len(request.transcript.ids))
+        completion.seconds = time.perf_counter() - request.started
+        done[request.index] = completion
+
+    def _kv_report(self, request: _Request, generated: int) -> dict:
+        per_token = kv_bytes_per_token(self.model)
+        n, budget = len(request.prompt), request.budget
+        layers = self.model.config.num_hidden_layers
+        # The row's own slots in every layer, and the moment one layer holds its whole prompt.
+        slots = budget.total + 1
+        sizes = {"prompt_tokens": n,
+                 "kv_bytes_peak": (slots * layers + max(0, n - slots)) * per_token // layers,
+                 "kv_bytes_full": (n + max(0, generated - 1)) * per_token}
+        if self.policy is None:
+            return {"engine": "fast", "policy": "full", "mode": "full", **sizes}
+        return {"engine": "fast", "policy": self.policy.name, "mode": "drop",
+                "heavy_ratio": self.policy.heavy_ratio, "recent_ratio": self.policy.recent_ratio,
+                "heavy_budget": budget.heavy, "recent_budget": budget.recent, **sizes}
