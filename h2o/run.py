@@ -13,11 +13,13 @@ from tqdm import tqdm
 from h2o import distributed, helm_io, models
 from h2o.attention import ATTENTION_IMPLEMENTATIONS
 from h2o.cache import KV_MODES
+from h2o.fast.engine import FastEngine
 from h2o.generation import Eviction, Sampling, generate
-from h2o.policies import POLICIES, WithSinks, make_policy
+from h2o.policies import POLICIES, Policy, WithSinks, make_policy
 
 log = logging.getLogger("run_helm")
 CHAT_TEMPLATE = ("auto", "on", "off")
+ENGINES = ("auto", "reference", "fast")
 WINDOW_BATCHES = 8  # batches per length-sorted window
 
 
@@ -44,9 +46,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=sorted(POLICIES), default="h2o",
                    help="which tokens a small cache keeps (h2o is the paper's)")
     p.add_argument("--sink_size", type=int, default=4, help="first tokens kept by --policy sink and h2o-sink")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="fast: static slots, continuous batching, CUDA graphs; reference: the readable "
+                        "oracle (mask mode, --attention); auto: fast wherever it can serve")
     p.add_argument("--attention", choices=sorted(ATTENTION_IMPLEMENTATIONS), default="eager",
-                   help="attention kernel under the small cache")
-    p.add_argument("--batch_size", type=int, default=1)
+                   help="attention kernel of the reference engine under the small cache")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="sequences decoded at once (the fast engine refills a row as soon as it ends)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=sorted(models.DTYPES), default="float32")
     p.add_argument("--device_map", default=None,
@@ -65,6 +71,22 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--sample_num must be at least 1, got {args.sample_num}")
     if args.k < 0:
         raise ValueError(f"--k must be >= 0, got {args.k}")
+
+
+def choose_engine(args: argparse.Namespace, policy: Policy | None) -> tuple[str, str]:
+    """The engine that serves this run, and why, in a few words."""
+    why_not = None
+    if policy is not None and args.kv_mode == "mask":
+        why_not = "mask mode is the paper's simulation"
+    elif policy is not None and not FastEngine.serves(policy):
+        why_not = f"policy {policy.name} has its own selection rule"
+    elif args.device_map:
+        why_not = "--device_map spreads the layers over devices"
+    if args.engine == "fast" and why_not:
+        raise ValueError(f"--engine fast: {why_not}; use --engine reference or auto")
+    if args.engine == "reference" or why_not:
+        return "reference", why_not or "--engine reference"
+    return "fast", "--engine fast" if args.engine == "fast" else "it serves this run"
 
 
 def _device(args: argparse.Namespace, ranks: distributed.Ranks) -> str:
@@ -117,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         if ranks.parallel:
             mine, output = ranks.share(todo), ranks.part(args.output_path)
             mine = mine[helm_io.completed_count(output, mine):]
+        engine, why = choose_engine(args, policy)
         tokenizer, config = models.load_tokenizer(args.model_name, args.model_arch)
         encoded = encode_all(args, tokenizer, config, mine)
+        log.info("engine: %s (%s)", engine, why)
         torch.manual_seed(args.seed)
+        loading = time.perf_counter()
         model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype,
                                   args.device_map)
-        run(args, model, tokenizer, encoded, policy, output)
+        loaded = time.perf_counter() - loading
+        generated, seconds = run(args, model, tokenizer, encoded, policy, output, engine)
+        log.info("generated %d tokens in %.2f s: %.1f tok/s (model load %.2f s apart)",
+                 generated, seconds, generated / max(seconds, 1e-9), loaded)
         distributed.barrier(ranks)
         if ranks.parallel and ranks.rank == 0:
             distributed.merge(args.output_path, todo, ranks)
@@ -149,8 +177,11 @@ def encode_all(args, tokenizer, config, requests: list[helm_io.Request]) -> list
     return encoded
 
 
-def run(args, model, tokenizer, encoded: list[tuple], policy, output: str) -> None:
+def run(args, model, tokenizer, encoded: list[tuple], policy: Policy | None, output: str,
+        engine: str = "reference") -> tuple[int, float]:
+    """Serve the requests and append their results to `output`; (tokens generated, seconds)."""
     eviction = Eviction(policy, args.kv_mode, args.attention) if policy is not None else None
+    fast = FastEngine(model, tokenizer, policy, args.batch_size) if engine == "fast" else None
 
     generated, started = 0, time.perf_counter()
     with helm_io.open_results(output) as out, tqdm(total=len(encoded), unit="req") as bar:
@@ -159,24 +190,32 @@ def run(args, model, tokenizer, encoded: list[tuple], policy, output: str) -> No
         window = args.batch_size * WINDOW_BATCHES
         for start in range(0, len(encoded), window):
             chunk = encoded[start : start + window]
-            by_length = sorted(range(len(chunk)), key=lambda i: len(chunk[i][1]))
-            records: dict[int, dict] = {}
-            for rows in helm_io.batches(by_length, args.batch_size):
-                batch = [chunk[i] for i in rows]
-                sampling = [
-                    Sampling(
-                        max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=args.k,
-                        stop=r.stop, top_logprobs=r.top_logprobs, seed=args.seed * 1_000_003 + r.line,
-                    )
-                    for r, _, _ in batch
-                ]
-                t0 = time.perf_counter()
-                completions = generate(model, tokenizer, [ids for _, ids, _ in batch], sampling, eviction)
-                seconds = time.perf_counter() - t0
-                for i, (request, _, templated), completion in zip(rows, batch, completions):
-                    records[i] = helm_io.result_record(request, completion, seconds, len(batch), templated)
-                    generated += len(completion.token_ids)
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.1f}")
-            for i in range(len(chunk)):
-                helm_io.append(out, records[i])
+            sampling = [
+                Sampling(
+                    max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=args.k,
+                    stop=r.stop, top_logprobs=r.top_logprobs, seed=args.seed * 1_000_003 + r.line,
+                )
+                for r, _, _ in chunk
+            ]
+            prompts = [ids for _, ids, _ in chunk]
+            if fast is not None:
+                completions = fast.run(prompts, sampling)
+                records = [helm_io.result_record(request, done, done.seconds, args.batch_size, templated)
+                           for (request, _, templated), done in zip(chunk, completions)]
+                bar.update(len(chunk))
+            else:
+                records = [None] * len(chunk)
+                by_length = sorted(range(len(chunk)), key=lambda i: len(chunk[i][1]))
+                for rows in helm_io.batches(by_length, args.batch_size):
+                    t0 = time.perf_counter()
+                    completions = generate(model, tokenizer, [prompts[i] for i in rows],
+                                           [sampling[i] for i in rows], eviction)
+                    seconds = time.perf_counter() - t0
+                    for i, done in zip(rows, completions):
+                        records[i] = helm_io.result_record(chunk[i][0], done, seconds, len(rows), chunk[i][2])
+                    bar.update(len(rows))
+            for record in records:
+                generated += len(record["result"]["choices"][0]["logprobs"]["tokens"])
+                helm_io.append(out, record)
+            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.1f}")
+    return generated, time.perf_counter() - started

@@ -50,10 +50,11 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def request_key(seed: int) -> int:
-    """A request's 32-bit key from its (any-size, non-negative) seed."""
-    x = torch.tensor([seed & MASK32, (seed >> 32) & MASK32], dtype=torch.long)
-    return int(mix32(x[0] ^ mix32(x[1] + 0x3C6EF372)))
+def request_keys(seeds: list[int]) -> torch.Tensor:
+    """The requests' 32-bit keys (int64 tensor) from their non-negative seeds of up to 64 bits."""
+    low = torch.tensor([s & MASK32 for s in seeds], dtype=torch.long)
+    high = torch.tensor([(s >> 32) & MASK32 for s in seeds], dtype=torch.long)
+    return mix32(low ^ mix32(high + 0x3C6EF372))
 
 
 def uniforms(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -102,7 +103,7 @@ class Sampler:
             raise ValueError("a request needs more than this sampler was built for")
         index = torch.tensor(rows, device=self.keys.device)
         device = self.keys.device
-        self.keys[index] = torch.tensor([request_key(s.seed) for s in sampling], device=device)
+        self.keys[index] = request_keys([s.seed for s in sampling]).to(device)
         self.temperature[index] = torch.tensor([float(s.temperature) for s in sampling], device=device)
         self.top_p[index] = torch.tensor([float(s.top_p) for s in sampling], device=device)
         self.top_k[index] = torch.tensor([s.top_k for s in sampling], device=device)

@@ -74,6 +74,11 @@ class FastEngine:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos = eos_ids(model, tokenizer)
 
+    @staticmethod
+    def serves(policy: Policy) -> bool:
+        """Whether the engine implements this policy (any that keeps `Policy.select`)."""
+        return type(policy).select is Policy.select
+
     def budget(self, prompt: list[int], sampling: Sampling) -> Budget:
         if self.policy is None:
             return Budget(heavy=0, recent=len(prompt) + sampling.max_new_tokens)
