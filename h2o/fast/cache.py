@@ -201,10 +201,22 @@ class FastLayer(CacheLayerMixin):
         """Kernel path of a slice's prefill: SDPA output, H2O scores without the attention matrix."""
         owner = self.owner
         groups = query.shape[1] // key.shape[1]
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=groups > 1)
+        starts = None
+        if owner.unpadded:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                 enable_gqa=groups > 1)
+        else:
+            # Left padding: real rows see no padding, a padding row sees itself (a row that sees
+            # nothing would be NaN, and NaN keys poison the next layer's padding columns).
+            starts = (~owner.query_valid).sum(-1)
+            n = query.shape[2]
+            column = torch.arange(n, device=query.device)
+            causal = column[None, :] <= column[:, None]
+            visible = causal & ((column >= starts[:, None, None]) | torch.eye(n, dtype=torch.bool, device=query.device))
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible[:, None], scale=scaling,
+                                                 enable_gqa=groups > 1)
         if owner.has_heavy:
-            scores = kernels.prefill_scores(query, key, scaling)
+            scores = kernels.prefill_scores(query, key, scaling, starts)
         else:
             scores = torch.zeros(key.shape[:3], dtype=torch.float32, device=key.device)
         self._fill(scores, None)
@@ -306,7 +318,7 @@ def fast_eviction_attention(
         raise RuntimeError("h2o_fast attention needs the model call to pass eviction_cache=<FastCache>")
     layer = cache.layers[module.layer_idx]
     prefill = cache.rows is not None
-    if not cache.use_kernels or (prefill and not cache.unpadded):
+    if not cache.use_kernels:
         return attend(module, query, key, value, scaling, cache, use_sdpa=False)
     out = layer.prefill(query, key, value, scaling) if prefill else layer.decode(query, scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -121,12 +121,13 @@ if triton is not None:
 
     @triton.jit
     def _row_lse_kernel(
-        Q, K, Lse, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        Q, K, Lse, Start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         N, HQ, scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         b = pid_bh // HQ
         h = pid_bh % HQ
+        start_b = tl.load(Start + b)
         first_row = tl.program_id(1) * BM
         rows = first_row + tl.arange(0, BM)
         d = tl.arange(0, D)
@@ -139,7 +140,10 @@ if triton is not None:
             cols = start + tl.arange(0, BN)
             k = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=cols[:, None] < N, other=0.0)
             logit = tl.dot(q, tl.trans(k)) * scale
-            logit = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < N), logit, float("-inf"))
+            # Left padding: a real row sees no padding; a padding row sees itself (never NaN).
+            seen = (cols[None, :] <= rows[:, None]) & (cols[None, :] < N)
+            seen = seen & ((cols[None, :] >= start_b) | (cols[None, :] == rows[:, None]))
+            logit = tl.where(seen, logit, float("-inf"))
             m_new = tl.maximum(m, tl.max(logit, axis=1))
             total = total * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
             m = m_new
@@ -147,12 +151,13 @@ if triton is not None:
 
     @triton.jit
     def _column_sum_kernel(
-        Q, K, Lse, Received, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        Q, K, Lse, Received, Start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         N, HQ, scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         b = pid_bh // HQ
         h = pid_bh % HQ
+        start_b = tl.load(Start + b)
         first_col = tl.program_id(1) * BN
         cols = first_col + tl.arange(0, BN)
         d = tl.arange(0, D)
@@ -166,7 +171,9 @@ if triton is not None:
             q = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=rows[:, None] < N, other=0.0)
             lse = tl.load(lse_base + rows, mask=rows < N, other=0.0)
             p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
-            p = tl.where((cols[None, :] <= rows[:, None]) & (rows[:, None] < N), p, 0.0)
+            # Padding rows do not vote, padding columns receive nothing.
+            p = tl.where((cols[None, :] <= rows[:, None]) & (rows[:, None] < N) & (rows[:, None] >= start_b)
+                         & (cols[None, :] >= start_b), p, 0.0)
             acc += tl.sum(p, axis=0)
         tl.store(Received + pid_bh.to(tl.int64) * N + cols, acc, mask=cols < N)
 
@@ -218,23 +225,29 @@ def prefill_scores(
     query: torch.Tensor,
     key: torch.Tensor,
     scaling: float,
+    starts: torch.Tensor | None = None,
     block_m: int = PREFILL_BLOCK_M,
     block_n: int = PREFILL_BLOCK_N,
     warps: int = PREFILL_WARPS,
     stages: int = PREFILL_STAGES,
 ) -> torch.Tensor:
-    """(B, Hkv, N) attention received by each key of a causal, unpadded prompt, summed over the
-    query rows and the query heads sharing the KV head. query (B, Hq, N, D), key (B, Hkv, N, D).
-    Blocks (query rows, keys), warps and pipeline stages are tuning knobs."""
+    """(B, Hkv, N) attention received by each key of a causal prompt, summed over the query rows
+    and the query heads sharing the KV head. query (B, Hq, N, D), key (B, Hkv, N, D); `starts`
+    (B,): each row's first real token, after its left padding (default: none). Padding neither
+    votes nor receives. Blocks (query rows, keys), warps and pipeline stages are tuning knobs."""
     if query.stride(-1) != 1 or key.stride(-1) != 1:
         query, key = query.contiguous(), key.contiguous()
     b, hq, n, d = query.shape
     hkv = key.shape[1]
+    if starts is None:
+        starts = torch.zeros(b, dtype=torch.int32, device=query.device)
+    starts = starts.to(torch.int32)
     lse = torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
     received = torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
     strides = (*query.stride()[:3], *key.stride()[:3])
     options = dict(G=hq // hkv, D=d, BM=block_m, BN=block_n, num_warps=warps, num_stages=stages)
-    _row_lse_kernel[(b * hq, triton.cdiv(n, block_m))](query, key, lse, *strides, n, hq, scaling, **options)
-    _column_sum_kernel[(b * hq, triton.cdiv(n, block_n))](query, key, lse, received, *strides, n, hq, scaling,
-                                                          **options)
+    _row_lse_kernel[(b * hq, triton.cdiv(n, block_m))](query, key, lse, starts, *strides, n, hq, scaling,
+                                                       **options)
+    _column_sum_kernel[(b * hq, triton.cdiv(n, block_n))](query, key, lse, received, starts, *strides, n, hq,
+                                                          scaling, **options)
     return received.view(b, hkv, hq // hkv, n).sum(2)
