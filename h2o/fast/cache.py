@@ -216,7 +216,7 @@ class FastLayer(CacheLayerMixin):
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible[:, None], scale=scaling,
                                                  enable_gqa=groups > 1)
         if owner.has_heavy:
-            scores = kernels.prefill_scores(query, key, scaling, starts)
+            scores = kernels.prefill_scores(query, key, scaling, starts=starts)
         else:
             scores = torch.zeros(key.shape[:3], dtype=torch.float32, device=key.device)
         self._fill(scores, None)

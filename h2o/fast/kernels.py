@@ -225,11 +225,11 @@ def prefill_scores(
     query: torch.Tensor,
     key: torch.Tensor,
     scaling: float,
-    starts: torch.Tensor | None = None,
     block_m: int = PREFILL_BLOCK_M,
     block_n: int = PREFILL_BLOCK_N,
     warps: int = PREFILL_WARPS,
     stages: int = PREFILL_STAGES,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, Hkv, N) attention received by each key of a causal prompt, summed over the query rows
     and the query heads sharing the KV head. query (B, Hq, N, D), key (B, Hkv, N, D); `starts`
