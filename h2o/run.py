@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -148,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype,
                                   args.device_map)
         loaded = time.perf_counter() - loading
-        generated, seconds = run(args, model, tokenizer, encoded, policy, output, engine)
+        served = run(args, model, tokenizer, encoded, policy, output, engine)
         log.info("generated %d tokens in %.2f s: %.1f tok/s (model load %.2f s apart)",
-                 generated, seconds, generated / max(seconds, 1e-9), loaded)
+                 served.generated, served.seconds, served.generated / max(served.seconds, 1e-9), loaded)
+        if served.engine_stats:
+            log.info("fast engine: prefill %.2f s, decode %.2f s", served.engine_stats["prefill_s"],
+                     served.engine_stats["decode_s"])
         distributed.barrier(ranks)
         if ranks.parallel and ranks.rank == 0:
             distributed.merge(args.output_path, todo, ranks)
@@ -177,13 +181,22 @@ def encode_all(args, tokenizer, config, requests: list[helm_io.Request]) -> list
     return encoded
 
 
+@dataclass
+class Served:
+    """What a run did: tokens generated, wall seconds, and the fast engine's own split of them."""
+
+    generated: int
+    seconds: float
+    engine_stats: dict[str, float] = field(default_factory=dict)
+
+
 def run(args, model, tokenizer, encoded: list[tuple], policy: Policy | None, output: str,
-        engine: str = "reference") -> tuple[int, float]:
-    """Serve the requests and append their results to `output`; (tokens generated, seconds)."""
+        engine: str = "reference") -> Served:
+    """Serve the requests and append their results to `output`."""
     eviction = Eviction(policy, args.kv_mode, args.attention) if policy is not None else None
     fast = FastEngine(model, tokenizer, policy, args.batch_size) if engine == "fast" else None
 
-    generated, started = 0, time.perf_counter()
+    generated, started, stats = 0, time.perf_counter(), {}
     with helm_io.open_results(output) as out, tqdm(total=len(encoded), unit="req") as bar:
         # Batches of similar lengths waste less on padding: sort within a window, then write the
         # window's results in input order (an interrupted run loses at most one window).
@@ -200,6 +213,8 @@ def run(args, model, tokenizer, encoded: list[tuple], policy: Policy | None, out
             prompts = [ids for _, ids, _ in chunk]
             if fast is not None:
                 completions = fast.run(prompts, sampling)
+                for name, value in fast.stats.items():
+                    stats[name] = stats.get(name, 0) + value
                 records = [helm_io.result_record(request, done, done.seconds, args.batch_size, templated)
                            for (request, _, templated), done in zip(chunk, completions)]
                 bar.update(len(chunk))
@@ -218,4 +233,4 @@ def run(args, model, tokenizer, encoded: list[tuple], policy: Policy | None, out
                 generated += len(record["result"]["choices"][0]["logprobs"]["tokens"])
                 helm_io.append(out, record)
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.1f}")
-    return generated, time.perf_counter() - started
+    return Served(generated, time.perf_counter() - started, stats)

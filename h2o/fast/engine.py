@@ -94,6 +94,9 @@ class FastEngine:
         ]
         rows = min(self.rows, len(requests))
         self._start(rows, requests)
+        # Wall seconds in prefills and in decode chunks (each ends with a host sync), and tokens.
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prompt_tokens": 0, "padded_tokens": 0,
+                      "chunks": 0, "captures": 0}
         pending = deque(sorted(requests, key=lambda r: len(r.prompt)))
         serving: list[_Request | None] = [None] * rows
         done: dict[int, Completion] = {}
@@ -130,7 +133,7 @@ class FastEngine:
 
     def _admit(self, rows: list[int], admitted: list[_Request], serving: list, done: dict) -> None:
         """Prefill the admitted requests into their rows and take each one's first token."""
-        now = time.perf_counter()
+        now = began = time.perf_counter()
         for request in admitted:
             request.started = now
         capacity = self.cache.capacity
@@ -144,6 +147,7 @@ class FastEngine:
             picked = [order[i] for i in group]
             index = torch.tensor([rows[i] for i in picked], device=self.device)
             ids, valid, positions = left_pad([admitted[i].prompt for i in picked], self.pad, self.device)
+            self.stats["padded_tokens"] += ids.numel()
             self.cache.begin_prefill(index, positions, valid)
             out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, eviction_cache=self.cache,
                              use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -156,6 +160,8 @@ class FastEngine:
         self.steps[index] = 1
         tokens, chosen = choice.tokens.tolist(), choice.logprobs.tolist()
         top_values, top_ids = choice.top_logprobs.tolist(), choice.top_ids.tolist()
+        self.stats["prefill_s"] += time.perf_counter() - began
+        self.stats["prompt_tokens"] += sum(len(r.prompt) for r in admitted)
         for i, (row, request) in enumerate(zip(rows, admitted)):
             if request.transcript.add(tokens[i], chosen[i], top_values[i], top_ids[i]):
                 self._finish(row, serving, done)
@@ -190,6 +196,7 @@ class FastEngine:
 
     def _decode(self, serving: list, done: dict) -> None:
         """`steps_per_check` steps for every row, then hand each request its tokens."""
+        began = time.perf_counter()
         self.model.set_attn_implementation(ATTENTION)
         if self.graph is not None:
             self.graph.replay()
@@ -200,11 +207,14 @@ class FastEngine:
             with torch.cuda.graph(self.graph):
                 self._chunk()
             self.graph.replay()
+            self.stats["captures"] += 1
         else:
             self._chunk()
             self.eager_chunks += 1
         history = [t.tolist() for t in (self.history.tokens, self.history.logprobs,
                                         self.history.top_logprobs, self.history.top_ids)]
+        self.stats["decode_s"] += time.perf_counter() - began
+        self.stats["chunks"] += 1
         for row, request in enumerate(serving):
             if request is None:
                 continue
