@@ -175,3 +175,19 @@ def test_run_helm_mask_mode_takes_the_reference_engine(tiny_model_dir, tmp_path,
     assert run.main(common + ["--output_path", str(tmp_path / "fast.jsonl"), "--engine", "fast"]) == 2
     assert "--engine fast: mask mode" in capsys.readouterr().err
     assert not (tmp_path / "fast.jsonl").exists()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_on_cuda_kernels_and_graphs_give_the_reference_results(tokenizer, name):
+    model = tiny_llama(kv_heads=2).cuda()
+    prompts = random_prompts([64, 101, 40, 77, 30, 90, 55], seed=5)
+    sampling = _sampling(len(prompts), stop=("w7",))
+    alone = _reference(model, tokenizer, prompts, sampling, _policy(name), batch=1)
+    for rows in (2, 7):
+        engine = FastEngine(model, tokenizer, _policy(name), rows, steps_per_check=4)
+        _assert_same(engine.run(prompts, sampling), alone)
+        assert engine.stats["captures"] >= 1
