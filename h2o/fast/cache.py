@@ -100,13 +100,21 @@ class FastCache(Cache):
             if layer.is_initialized:
                 layer.grow(capacity)
 
-    def begin_prefill(self, rows: slice | torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """The next forward is the prompts of batch rows `rows` (a slice or an index tensor):
-        (rows, n) positions, and which tokens are real (left padding is not)."""
+    def begin_prefill(self, rows: slice | list[int], positions: torch.Tensor, valid: torch.Tensor,
+                      unpadded: bool | None = None) -> None:
+        """The next forward is the prompts of batch rows `rows`: (rows, n) positions, and which
+        tokens are real (left padding is not; `unpadded` says there is none, where the caller
+        knows it without reading `valid` back from the device)."""
+        if isinstance(rows, list):
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+            self.max_heavy = max(self.budgets[r].heavy for r in rows)
+            rows = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=self.heavy.device)
+        else:
+            self.max_heavy = max(b.heavy for b in self.budgets[rows])
         self.rows = rows
         self.query_positions = positions
         self.query_valid = valid
-        self.unpadded = bool(valid.all())
+        self.unpadded = bool(valid.all()) if unpadded is None else unpadded
         self.n_tokens[rows] = valid.sum(-1)
 
     def begin_decode(self, positions: torch.Tensor) -> None:
@@ -229,7 +237,7 @@ class FastLayer(CacheLayerMixin):
         del self.prompt
         views = views if views is not None else torch.zeros_like(scores)
         chosen = owner.policy.select(scores, views, positions, owner.n_tokens[rows],
-                                     owner.heavy[rows], owner.recent[rows])
+                                     owner.heavy[rows], owner.recent[rows], owner.max_heavy)
         width = min(positions.shape[-1], owner.capacity)
         order = torch.argsort((~chosen.retained).to(torch.uint8), dim=-1, stable=True)[..., :width]
         filled = torch.arange(width, device=key.device) < chosen.retained.sum(-1, keepdim=True)

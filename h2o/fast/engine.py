@@ -143,20 +143,27 @@ class FastEngine:
         self.model.set_attn_implementation(ATTENTION)
         order = sorted(range(len(rows)), key=lambda i: len(admitted[i].prompt))
         logits = torch.empty(len(rows), self.model.config.vocab_size, device=self.device)
+        # Every host-to-device copy before the first forward: a copy from pageable memory waits
+        # for the GPU, and one between two slices would leave it idle while the next is launched.
+        slices = []
         for group in self._slices([admitted[i] for i in order]):
             picked = [order[i] for i in group]
-            index = torch.tensor([rows[i] for i in picked], device=self.device)
-            ids, valid, positions = left_pad([admitted[i].prompt for i in picked], self.pad, self.device)
+            prompts = [admitted[i].prompt for i in picked]
+            unpadded = len({len(p) for p in prompts}) == 1
+            slices.append(([rows[i] for i in picked], left_pad(prompts, self.pad, self.device), unpadded,
+                           torch.tensor(picked, device=self.device)))
+        index = torch.tensor(rows, device=self.device)
+        lengths = torch.tensor([len(r.prompt) for r in admitted], device=self.device)
+        for slice_rows, (ids, valid, positions), unpadded, picked in slices:
             self.stats["padded_tokens"] += ids.numel()
-            self.cache.begin_prefill(index, positions, valid)
+            self.cache.begin_prefill(slice_rows, positions, valid, unpadded)
             out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, eviction_cache=self.cache,
                              use_cache=True, logits_to_keep=1).logits[:, -1]
-            logits[torch.tensor(picked, device=self.device)] = out.float()
-        index = torch.tensor(rows, device=self.device)
+            logits[picked] = out.float()
         self.sampler.assign(rows, [r.sampling for r in admitted])
         choice = self.sampler.choose(logits, torch.zeros(len(rows), dtype=torch.long, device=self.device), index)
         self.next_ids[index, 0] = choice.tokens
-        self.positions[index, 0] = torch.tensor([len(r.prompt) for r in admitted], device=self.device)
+        self.positions[index, 0] = lengths
         self.steps[index] = 1
         tokens, chosen = choice.tokens.tolist(), choice.logprobs.tolist()
         top_values, top_ids = choice.top_logprobs.tolist(), choice.top_ids.tolist()

@@ -93,6 +93,7 @@ class Policy(ABC):
         n_tokens: torch.Tensor,
         heavy: torch.Tensor,
         recent: torch.Tensor,
+        max_heavy: int | None = None,
     ) -> Selection:
         """Choose the slots for the next step, after `n_tokens` tokens of each sequence were seen.
 
@@ -100,7 +101,8 @@ class Policy(ABC):
         n_tokens, heavy, recent: (B,). The next token joins the recent window, so the window keeps
         the last `recent - 1` seen tokens. With `parks_leaving_token`, the token just leaving the
         window is not attended next step but stays a heavy-hitter candidate: the paper's code,
-        column for column.
+        column for column. `max_heavy` (the largest of `heavy`, where the caller knows it) saves
+        reading it back from the device.
         """
         t = n_tokens.view(-1, 1, 1)
         h = heavy.view(-1, 1, 1)
@@ -117,7 +119,7 @@ class Policy(ABC):
             candidate = present & (positions < t + 1 - r)
 
         chosen = torch.zeros_like(present)
-        k = min(int(heavy.max()), positions.shape[-1])
+        k = min(int(heavy.max()) if max_heavy is None else max_heavy, positions.shape[-1])
         if k > 0:
             ranked = self.rank(scores, views, positions).masked_fill(~candidate, float("-inf"))
             top_values, top_slots = ranked.topk(k, dim=-1)
