@@ -74,6 +74,9 @@ class FastCache(Cache):
         # on the step a sequence first goes over budget (never more).
         self.evictions_per_step = 1 if policy.parks_leaving_token else 2
         self.n_tokens = torch.zeros(self.batch, dtype=torch.long, device=device)
+        # Slots in use lie below min(tokens seen, heavy + recent + 1): a new token takes the first
+        # free slot, and the prefill packs what it keeps at the front. The kernel reads no further.
+        self.limits = torch.zeros(self.batch, dtype=torch.long, device=device)
         self.rows: slice | None = None
         self.query_positions = torch.zeros(self.batch, 0, dtype=torch.long, device=device)
         self.query_valid = torch.zeros(self.batch, 0, dtype=torch.bool, device=device)
@@ -124,6 +127,7 @@ class FastCache(Cache):
         self.query_positions = positions
         self.query_valid = self._one_valid
         self.n_tokens.copy_(positions[:, -1] + 1)
+        torch.minimum(self.n_tokens, self.heavy + self.recent + 1, out=self.limits)
 
     def kv_bytes(self) -> int:
         """Bytes of the key and value slots of all layers."""
@@ -296,7 +300,7 @@ class FastLayer(CacheLayerMixin):
         owner = self.owner
         return kernels.decode_step(
             query, self.keys, self.values, self.positions, self.active, self.scores,
-            owner.n_tokens, owner.heavy, owner.recent, scaling, owner.has_heavy,
+            owner.n_tokens, owner.heavy, owner.recent, scaling, owner.has_heavy, limits=owner.limits,
         )
 
     def get_seq_length(self) -> int:

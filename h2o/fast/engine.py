@@ -33,8 +33,9 @@ from h2o.sampling import Choice, Sampler, Sampling
 
 # Tokens per prefill forward (rows x padded length): large enough to keep a GPU's matrix units
 # busy on short prompts, small enough that one layer's full-length keys stay modest.
-PREFILL_TOKENS = 16384
+PREFILL_TOKENS = 32768
 STEPS_PER_CHECK = 16
+ADMIT_EVERY = 4  # admit once this fraction (1 / ADMIT_EVERY) of the rows is free
 IDLE = Budget(heavy=0, recent=1)  # a row with no request: holds its newest token only
 
 
@@ -102,7 +103,9 @@ class FastEngine:
         done: dict[int, Completion] = {}
         while pending or any(serving):
             free = [row for row, r in enumerate(serving) if r is None]
-            if free and pending:
+            # Free rows wait for company (a quarter of the rows, or every request left): a
+            # prefill of a few prompts would leave the GPU's matrix units idle.
+            if pending and len(free) >= max(1, min(len(pending), rows // ADMIT_EVERY)):
                 admitted = [pending.popleft() for _ in free[: len(pending)]]
                 for row, request in zip(free, admitted):
                     serving[row] = request

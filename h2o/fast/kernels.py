@@ -40,7 +40,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(
-        Q, K, V, Pos, Act, Sc, T, Heavy, Recent, Out, Logits,
+        Q, K, V, Pos, Act, Sc, T, Heavy, Recent, Limit, Out, Logits,
         stride_qb, stride_qh, stride_ob, stride_oh,
         S, HKV, scale,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, HAS_HEAVY: tl.constexpr,
@@ -56,14 +56,16 @@ if triton is not None:
         row = pid.to(tl.int64) * S
         kv = row * D
         scratch = Logits + pid.to(tl.int64) * GP * S
+        # This sequence's slots in use all lie below its limit: the rest are free and skipped.
+        used = tl.minimum(tl.load(Limit + b), S)
 
         # Pass 1: logits of every slot (kept in a small scratch row), and a running max and sum
         # per lane of the tile: no reduction across lanes inside the loop.
         m = tl.full([GP, BS], -1.0e30, tl.float32)
         total = tl.zeros([GP, BS], tl.float32)
-        for start in range(0, S, BS):
+        for start in range(0, used, BS):
             s = start + tl.arange(0, BS)
-            s_ok = s < S
+            s_ok = s < used
             k = tl.load(K + kv + s[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
             logit = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
             visible = tl.load(Act + row + s, mask=s_ok, other=0) != 0
@@ -83,9 +85,9 @@ if triton is not None:
         acc = tl.zeros([GP, BS, D], tl.float32)
         best = tl.full([BS], float("inf"), tl.float32)
         best_slot = tl.zeros([BS], tl.int32)
-        for start in range(0, S, BS):
+        for start in range(0, used, BS):
             s = start + tl.arange(0, BS)
-            s_ok = s < S
+            s_ok = s < used
             logit = tl.load(scratch + g[:, None] * S + s[None, :], mask=s_ok[None, :], other=float("-inf"))
             p = tl.exp(logit - m_row[:, None]) * inv[:, None]
             p = tl.where(g_ok[:, None], p, 0.0)
@@ -197,23 +199,28 @@ def decode_step(
     has_heavy: bool,
     block: int = DECODE_BLOCK,
     warps: int = DECODE_WARPS,
+    limits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output (B, Hq, 1, D) of one decode step; updates positions, active and scores in
     place for the next step. keys/values: (B, Hkv, S, D) contiguous; positions int32, active bool,
-    scores float32, all (B, Hkv, S); n_tokens, heavy, recent: (B,). `block` (slots per tile, for
-    one query head per KV head) and `warps` are tuning knobs."""
+    scores float32, all (B, Hkv, S); n_tokens, heavy, recent: (B,). `limits` (B,), where given:
+    each sequence's slots in use all lie below it (default: all S slots are read). `block`
+    (slots per tile, for one query head per KV head) and `warps` are tuning knobs."""
     b, hq, _, d = query.shape
     hkv, s = keys.shape[1], keys.shape[2]
     groups = hq // hkv
     padded = triton.next_power_of_2(groups)
     if query.stride(-1) != 1:
         query = query.contiguous()
+    if limits is None:
+        limits = torch.full((b,), s, dtype=torch.long, device=query.device)
     out = query.new_empty(b, hq, 1, d)
     logits = torch.empty(b * hkv * padded * s, dtype=torch.float32, device=query.device)
     # The (groups, slots, head_dim) accumulator lives in registers: fewer slots per tile for more groups.
     block = max(1, block // padded)
     _decode_kernel[(b * hkv,)](
-        query, keys, values, positions, active.view(torch.uint8), scores, n_tokens, heavy, recent, out, logits,
+        query, keys, values, positions, active.view(torch.uint8), scores, n_tokens, heavy, recent, limits, out,
+        logits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         s, hkv, scaling,
         G=groups, GP=padded, D=d, BS=block, HAS_HEAVY=has_heavy, num_warps=warps,
