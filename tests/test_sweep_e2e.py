@@ -1,0 +1,211 @@
+"""The budget sweep (h2o.sweep, behind scripts/helm/sweep.sh) end to end on a tiny model, scored by
+HELM offline, each number recomputed here by other means:
+
+- per-article ROUGE-1/2/L: rouge-score on the results files' texts against the XSUM references,
+  in article order;
+- KV bytes: the mean of the results files' kv_cache fields, read as plain JSON; the full cache's
+  from the prompt and continuation lengths;
+- KL and greedy agreement: sum p_full * (log p_full - log p_small) along the full cache's greedy
+  continuation, from logits of tests/h2o_oracle.py (a plain forward pass with its own H2O
+  bookkeeping, no code shared with h2o/);
+- a rerun computes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import ROOT
+from h2o_oracle import PlainLlama, teacher_forced
+
+sys.path.insert(0, str(ROOT / "helm"))
+
+from lab_helm import testing  # noqa: E402
+
+N, FIDELITY_N = 3, 2
+MAX_TOKENS = 64  # what the XSUM requests ask for
+
+
+def _prompts(n: int) -> list[str]:
+    return [r["prompt"] for r in testing.requests(n)]
+
+
+def _tokenizer(n: int) -> PreTrainedTokenizerFast:
+    """Word level over the words of the first n prompts; none holds '#', so no text the model
+    writes can hold the stop sequence '###'."""
+    words = sorted({w for p in _prompts(n) for w in p.split() if "#" not in w})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="\u241f\u241f", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _model(vocab: int) -> LlamaForCausalLM:
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=1, pad_token_id=0, bos_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+        model.lm_head.weight.mul_(8.0)
+        model.lm_head.weight[:3] = 0.0  # pad, eos, unk: let the summaries run their length
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    from h2o import sweep
+
+    root = tmp_path_factory.mktemp("sweep")
+    folder = root / "tiny-words"
+    tokenizer = _tokenizer(N)
+    _model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    argv = ["--model", str(folder), "--n", str(N), "--fidelity_n", str(FIDELITY_N), "--budgets", "0.2",
+            "--policies", "h2o,local", "--batch_size", "2", "--device", "cpu", "--reports", str(root / "reports")]
+    patch = pytest.MonkeyPatch()
+    patch.setenv("output_path", str(root / "benchmark_output"))  # our_run.sh's HELM output folder
+    patch.setattr(sweep, "BENCHMARK_OUTPUT", root / "benchmark_output")
+    try:
+        assert sweep.main(argv) == 0
+    finally:
+        patch.undo()
+    reports = root / "reports"
+    [report] = [p for p in reports.iterdir() if p.is_dir()]
+    return {"folder": folder, "report": report, "argv": argv, "root": root}
+
+
+def _results(report, name: str) -> list[dict]:
+    with open(report / "results" / f"{name}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _point(report, name: str) -> dict:
+    return json.loads((report / "points" / f"{name}.json").read_text())
+
+
+NAMES = ["full", "h2o-20", "local-20"]
+
+
+def test_every_point_is_written_with_its_results(swept):
+    report = swept["report"]
+    assert sorted(p.stem for p in (report / "points").glob("*.json")) == sorted(NAMES)
+    for name in NAMES:
+        lines = _results(report, name)
+        assert [line["request"] for line in lines] == testing.requests(N)
+        assert all(line["result"]["choices"][0]["text"].strip() for line in lines)
+    assert (report / "results.md").exists() and (report / "results.csv").exists()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_article_rouge_is_rouge_score_on_the_texts_in_article_order(swept, name):
+    from rouge_score import rouge_scorer
+
+    point = _point(swept["report"], name)
+    texts = [line["result"]["choices"][0]["text"] for line in _results(swept["report"], name)]
+    references = [a["summary"] for a in testing.articles(N)]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(" ".join(ref.split()), text.strip()) for text, ref in zip(texts, references)]
+    for key, kind in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL")):
+        expected = [s[kind].fmeasure for s in scores]
+        assert point["per_article"][key] == pytest.approx(expected, abs=1e-12), key
+        assert point[key] == pytest.approx(sum(expected) / N, abs=1e-12), key
+    assert point["n"] == N and len(set(point["per_article"]["rouge_1"])) > 1  # articles tell apart
+
+
+def test_kv_bytes_are_the_results_files(swept):
+    report = swept["report"]
+    folder = swept["folder"]
+    config = json.loads((folder / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    per_token = config["num_hidden_layers"] * config["num_key_value_heads"] * 2 * head_dim * 4  # float32
+    tokenizer = _tokenizer(N)
+    lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in _prompts(N)]
+    for name in NAMES:
+        kv = [line["result"]["kv_cache"] for line in _results(report, name)]
+        point = _point(report, name)
+        assert point["kv_bytes_peak"] == pytest.approx(sum(k["kv_bytes_peak"] for k in kv) / N, rel=1e-12)
+        assert point["kv_bytes_full"] == pytest.approx(sum(k["kv_bytes_full"] for k in kv) / N, rel=1e-12)
+        for k, n, line in zip(kv, lengths, _results(report, name)):
+            generated = len(line["result"]["choices"][0]["logprobs"]["tokens"])
+            assert k["prompt_tokens"] == n
+            assert k["kv_bytes_full"] == (n + generated - 1) * per_token
+            if name == "full":
+                assert k["kv_bytes_peak"] >= k["kv_bytes_full"]
+                continue
+            ratios = (0.1, 0.1) if name == "h2o-20" else (0.0, 0.2)
+            h, r = int(ratios[0] * n), max(1, int(ratios[1] * n))
+            assert (k["heavy_budget"], k["recent_budget"]) == (h, r)
+            # The peak: one layer holds the whole prompt, the others their budget (+ 1 slot at most).
+            layers, per_layer = config["num_hidden_layers"], per_token // config["num_hidden_layers"]
+            assert (n + (layers - 1) * (h + r)) * per_layer <= k["kv_bytes_peak"]
+            assert k["kv_bytes_peak"] <= (n + (layers - 1) * (h + r + 1)) * per_layer
+
+
+@pytest.fixture(scope="module")
+def fidelity_inputs(swept):
+    tokenizer = _tokenizer(N)
+    plain = PlainLlama(LlamaForCausalLM.from_pretrained(swept["folder"]).eval())
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in _prompts(FIDELITY_N)]
+    continuations = json.loads((swept["report"] / "fidelity_reference.json").read_text())
+    return plain, prompts, continuations
+
+
+def test_the_fidelity_continuations_are_the_full_caches_greedy_tokens(fidelity_inputs):
+    plain, prompts, continuations = fidelity_inputs
+    assert len(continuations) == FIDELITY_N
+    for prompt, continuation in zip(prompts, continuations):
+        # Each token the argmax after the ones before it: greedy; and no end of text or stop met.
+        assert len(continuation) == MAX_TOKENS
+        assert teacher_forced(plain, prompt, continuation, None).argmax(-1).tolist() == continuation
+
+
+@pytest.mark.parametrize("name, heavy_ratio, recent_ratio", [("h2o-20", 0.1, 0.1), ("local-20", 0.0, 0.2)])
+def test_kl_and_agreement_are_computed_directly(swept, fidelity_inputs, name, heavy_ratio, recent_ratio):
+    plain, prompts, continuations = fidelity_inputs
+    point = _point(swept["report"], name)
+    kl_means, agreements, by_step = [], [], []
+    for prompt, continuation in zip(prompts, continuations):
+        n = len(prompt)
+        budget = (int(heavy_ratio * n), max(1, int(recent_ratio * n)))
+        full = teacher_forced(plain, prompt, continuation, None).double().log_softmax(-1)
+        small = teacher_forced(plain, prompt, continuation, budget).double().log_softmax(-1)
+        kl = (full.exp() * (full - small)).sum(-1)
+        kl_means.append(float(kl.mean()))
+        agreements.append(float((small.argmax(-1) == torch.tensor(continuation)).double().mean()))
+        by_step.append(kl)
+    assert point["kl_per_article"] == pytest.approx(kl_means, rel=1e-3, abs=1e-5)
+    assert point["agreement_per_article"] == pytest.approx(agreements, abs=1e-12)
+    steps = torch.stack(by_step).mean(0).tolist()  # both continuations are MAX_TOKENS long
+    assert point["kl_by_step"] == pytest.approx(steps, rel=1e-3, abs=1e-5)
+    assert min(kl_means) > 1e-3 and min(agreements) < 1  # the small cache shows
+
+
+def test_a_rerun_skips_every_finished_point(swept, monkeypatch, capsys):
+    from h2o import sweep
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished point was computed again")
+
+    report = swept["report"]
+    before = {p.name: p.read_bytes() for p in (report / "points").glob("*.json")}
+    results = {p.name: p.read_bytes() for p in (report / "results").glob("*.jsonl")}
+    for name in ("run_helm", "_helm", "Fidelities"):
+        monkeypatch.setattr(sweep, name, never)
+    capsys.readouterr()
+    assert sweep.main(swept["argv"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert lines == [f"[{i}/3] {name}: done" for i, name in enumerate(["full", "h2o-20", "local-20"], start=1)]
+    assert {p.name: p.read_bytes() for p in (report / "points").glob("*.json")} == before
+    assert {p.name: p.read_bytes() for p in (report / "results").glob("*.jsonl")} == results
