@@ -57,7 +57,7 @@ if triton is not None:
         kv = row * D
         scratch = Logits + pid.to(tl.int64) * GP * S
         # This sequence's slots in use all lie below its limit: the rest are free and skipped.
-        used = tl.minimum(tl.load(Limit + b), S)
+        used = tl.minimum(tl.load(Limit + b).to(tl.int32), S)
 
         # Pass 1: logits of every slot (kept in a small scratch row), and a running max and sum
         # per lane of the tile: no reduction across lanes inside the loop.
