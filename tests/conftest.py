@@ -25,11 +25,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
 
 
-def tiny_llama(kv_heads: int, seed: int = 0, context: int = 512) -> LlamaForCausalLM:
+def tiny_llama(kv_heads: int, seed: int = 0, context: int = 512, heads: int = 4) -> LlamaForCausalLM:
+    """`heads` query heads of 16 dimensions over `kv_heads` KV heads (4 // 2: two queries per KV head)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=context,
+        vocab_size=VOCAB, hidden_size=16 * heads, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context,
         eos_token_id=1, pad_token_id=0, bos_token_id=0,
     )
     model = LlamaForCausalLM(config).eval()
