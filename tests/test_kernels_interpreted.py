@@ -87,15 +87,18 @@ def _tolerance(dtype: torch.dtype) -> dict:
 # decode_step
 
 # Each scenario: a batch of two sequences as (heavy, recent, n_tokens), the slot tile (`block`,
-# None: the tuned default) and whether the cache has heavy hitters. Slots: the largest budget + 1.
-# n_tokens <= heavy + recent: under budget (every token held); == heavy + recent + 1: the step
-# that first goes over; more: the steady state, where the token that left the window a step ago
-# sits out (held, not attended) among the heavy candidates.
+# None: the tuned default), whether the cache has heavy hitters, and whether `limits` are given
+# (as FastCache gives them: min(n_tokens, heavy + recent + 1), every slot in use below it).
+# Slots: the largest budget + 1. n_tokens <= heavy + recent: under budget (every token held);
+# == heavy + recent + 1: the step that first goes over; more: the steady state, where the token
+# that left the window a step ago sits out (held, not attended) among the heavy candidates.
 SCENARIOS = {
-    "h2o-steady-and-under": ([(4, 5, 23), (2, 3, 4)], 8, True),
-    "h2o-first-over-and-a-row-without-heavy": ([(4, 5, 10), (0, 3, 9)], None, True),
-    "local-steady-and-first-over": ([(0, 9, 15), (0, 4, 5)], 8, False),
-    "local-under-and-first-over": ([(0, 6, 4), (0, 9, 10)], None, False),
+    "h2o-steady-and-under": ([(4, 5, 23), (2, 3, 4)], 8, True, False),
+    "h2o-first-over-and-a-row-without-heavy": ([(4, 5, 10), (0, 3, 9)], None, True, False),
+    "local-steady-and-first-over": ([(0, 9, 15), (0, 4, 5)], 8, False, False),
+    "local-under-and-first-over": ([(0, 6, 4), (0, 9, 10)], None, False, False),
+    "h2o-steady-and-under-with-limits": ([(2, 3, 23), (4, 5, 7)], 4, True, True),
+    "local-steady-and-under-with-limits": ([(0, 4, 15), (0, 9, 6)], None, False, True),
 }
 DECODE_CASES = [
     pytest.param(dtype, groups, head_dim, scenario, id=f"{dtype}-{groups}q-per-kv-d{head_dim}-{scenario}")
@@ -116,9 +119,10 @@ def _held(heavy: int, recent: int, t: int, g: torch.Generator) -> tuple[list[int
 
 
 def _decode_inputs(dtype: str, groups: int, head_dim: int, scenario: str, seed: int) -> tuple[tuple, dict]:
-    rows, block, has_heavy = SCENARIOS[scenario]
+    rows, block, has_heavy, limited = SCENARIOS[scenario]
     g = torch.Generator().manual_seed(seed)
     b, slots = len(rows), max(h + r for h, r, _ in rows) + 1
+    limits = torch.tensor([min(t, h + r + 1) if limited else slots for h, r, t in rows])
     positions = torch.full((b, KV_HEADS, slots), -1, dtype=torch.int32)
     active = torch.zeros(b, KV_HEADS, slots, dtype=torch.bool)
     scores = torch.zeros(b, KV_HEADS, slots)
@@ -126,7 +130,7 @@ def _decode_inputs(dtype: str, groups: int, head_dim: int, scenario: str, seed: 
         for h in range(KV_HEADS):
             attended, parked = _held(heavy, recent, t, g)
             held = attended + parked
-            slot = torch.randperm(slots, generator=g)[: len(held)]  # slots hold tokens in no order
+            slot = torch.randperm(int(limits[i]), generator=g)[: len(held)]  # tokens in no order
             positions[i, h, slot] = torch.tensor(held, dtype=torch.int32)
             active[i, h, slot[: len(attended)]] = True
             # Running scores far apart (attention adds at most `groups`), so no two candidates
@@ -141,24 +145,33 @@ def _decode_inputs(dtype: str, groups: int, head_dim: int, scenario: str, seed: 
     query = (2 * torch.randn(b, KV_HEADS * groups, 1, head_dim, generator=g)).to(DTYPES[dtype])
     keys = torch.randn(b, KV_HEADS, slots, head_dim, generator=g).to(DTYPES[dtype])
     values = torch.randn(b, KV_HEADS, slots, head_dim, generator=g).to(DTYPES[dtype])
+    options = {} if block is None else {"block": block}
+    if limited:
+        # Past the limits, slots are neither read (NaN keys and values would show) nor written.
+        beyond = (torch.arange(slots) >= limits.view(-1, 1, 1)).expand(-1, KV_HEADS, -1)
+        keys[beyond], values[beyond], scores[beyond] = float("nan"), float("nan"), 99.0
+        options["limits"] = limits
     n_tokens, heavy, recent = (torch.tensor([row[j] for row in rows]) for j in (2, 0, 1))
     args = (query, keys, values, positions, active, scores, n_tokens, heavy, recent, head_dim**-0.5, has_heavy)
-    return args, ({} if block is None else {"block": block})
+    return args, options
 
 
 def _decode_reference(query, keys, values, positions, active, scores, n_tokens, heavy, recent, scaling,
-                      has_heavy):
+                      has_heavy, limits=None):
     """What decode_step's docstring and FastLayer._evict say one step does: (output, positions,
-    active, scores) after it."""
+    active, scores) after it. Slots at or past `limits` are left as they are."""
     b, hq, _, d = query.shape
     groups = hq // keys.shape[1]
+    inside = torch.arange(keys.shape[2]) < (keys.shape[2] if limits is None else limits.view(-1, 1, 1))
+    before = positions, active, scores
+    keys, values = (x.float().masked_fill(~inside[..., None], 0.0) for x in (keys, values))
     q = query.float().view(b, -1, groups, d)
-    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.float()) * scaling
-    probs = logits.masked_fill(~active[:, :, None], float("-inf")).softmax(-1)
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, values.float()).reshape(b, hq, 1, d).to(query.dtype)
+    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys) * scaling
+    probs = logits.masked_fill(~(active & inside)[:, :, None], float("-inf")).softmax(-1)
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values).reshape(b, hq, 1, d).to(query.dtype)
 
     t, h, r = (x.view(-1, 1, 1) for x in (n_tokens, heavy, recent))
-    present = positions >= 0
+    present = (positions >= 0) & inside
     over = t > h + r
     leaving = present & over & (h > 0) & (positions == t - r)  # parked: held, not attended
     candidate = present & (positions < t - r)
@@ -173,7 +186,8 @@ def _decode_reference(query, keys, values, positions, active, scores, n_tokens, 
     keep = present & ~drop
     if has_heavy:
         scores = scores * keep
-    return out, positions.masked_fill(~keep, -1), keep & ~leaving, scores
+    after = positions.masked_fill(~keep, -1), keep & ~leaving, scores
+    return out, *(torch.where(inside, new, old) for new, old in zip(after, before))
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +196,14 @@ def decoded(tmp_path_factory):
     inputs = [_decode_inputs(*case, seed=i) for i, case in enumerate(cases)]
     calls = [("decode_step", args, options) for args, options in inputs]
     results = _interpreted(_RUN_KERNELS, calls, tmp_path_factory.mktemp("decode"))
-    return {case: (args, result) for case, (args, _), result in zip(cases, inputs, results)}
+    return {case: (args, options, result) for case, (args, options), result in zip(cases, inputs, results)}
 
 
 @pytest.mark.parametrize("dtype, groups, head_dim, scenario", DECODE_CASES)
 def test_decode_step(decoded, dtype, groups, head_dim, scenario):
-    args, (out, after) = decoded[dtype, groups, head_dim, scenario]
+    args, options, (out, after) = decoded[dtype, groups, head_dim, scenario]
     _, _, _, positions, active, scores, n_tokens, heavy, recent, _, has_heavy = args
-    want_out, want_positions, want_active, want_scores = _decode_reference(*args)
+    want_out, want_positions, want_active, want_scores = _decode_reference(*args, limits=options.get("limits"))
 
     # The setting is what the cache holds: over budget with heavy hitters, exactly one
     # candidate too many; and the scenario evicts (or is all under budget).
