@@ -1,4 +1,9 @@
-"""The fast path: H2O drop-mode eviction with static shapes, for throughput on a GPU.
+"""The fast engine: H2O drop-mode eviction (and the full cache) with static shapes, for throughput
+on a GPU.
+
+`FastEngine` (h2o.fast.engine) serves HELM requests behind run_helm.py: sampling, stop sequences,
+logprobs and continuous batching, with the reference engine's results. `generate_fast` below is
+the greedy, fixed-length core that the benchmarks time.
 
 Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
 
@@ -30,9 +35,10 @@ Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
 """
 
 from h2o.fast.cache import ATTENTION, FastCache, FastLayer, fast_eviction_attention
+from h2o.fast.engine import FastEngine
 from h2o.fast.generate import FastDecoder, FastGeneration, generate_fast
 
 __all__ = [
-    "ATTENTION", "FastCache", "FastDecoder", "FastGeneration", "FastLayer", "fast_eviction_attention",
-    "generate_fast",
+    "ATTENTION", "FastCache", "FastDecoder", "FastEngine", "FastGeneration", "FastLayer",
+    "fast_eviction_attention", "generate_fast",
 ]

@@ -2,8 +2,10 @@
 
 `rows` sequences decode at once. Every `steps_per_check` steps the host reads what the rows
 chose (one copy), hands it to each request's `Transcript` (end of text, stop sequences,
-max_tokens), and gives each row that finished to the next request: its prompt is prefilled into
-that row's slots while the other rows keep theirs, so a batch never waits for its longest member.
+max_tokens), and gives the rows that finished to the next requests: their prompts are prefilled
+into those rows' slots while the other rows keep theirs, so a batch never waits for its longest
+member. Free rows wait until a quarter of the rows is free (or every request left fits): a
+prefill of one or two prompts would leave a GPU's matrix units mostly idle.
 Between two checks the rows decode without the host: on CUDA those `steps_per_check` steps
 (model, eviction and the choice of tokens, `h2o.sampling`) are one captured CUDA graph.
 
