@@ -109,13 +109,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
+@pytest.mark.parametrize("heads", [4, 6], ids=["2q-per-kv", "3q-per-kv"])
 @pytest.mark.parametrize("ratios", H2O_AND_LOCAL)
-def test_on_cuda_kernels_and_graphs_give_the_reference_tokens(tokenizer, ratios):
+def test_on_cuda_kernels_and_graphs_give_the_reference_tokens(tokenizer, ratios, heads):
     from conftest import tiny_llama
 
+    # float32: in float16 this tiny model's logits tie exactly now and then (two of 96 tokens at
+    # the same float16 value), and a tie goes either way with the kernels' rounding.
     if not kernels.available(torch.device("cuda")):
         pytest.skip("needs Triton")
-    model = tiny_llama(kv_heads=2).cuda()
+    model = tiny_llama(kv_heads=2, heads=heads).cuda()
     prompts = random_prompts([64, 101, 64, 90], seed=5)
     policy = make_policy("h2o", *ratios)
     expected = _reference(model, tokenizer, prompts, policy)
