@@ -33,7 +33,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from h2o import helm_io, run  # noqa: E402
+from h2o import helm_io, results, run  # noqa: E402
 from h2o.policies import make_policy  # noqa: E402
 
 POLICIES = {"full": None, "h2o": (0.1, 0.1), "local": (0.0, 0.2)}
@@ -111,8 +111,8 @@ def one_run(model, tokenizer, inputs: Path, engine: str, policy: str, batch: int
     output = Path(args.output_path)
     output.unlink(missing_ok=True)
     requests = helm_io.read_requests(args.input_path)[:n]
-    encoded = run.encode_all(args, tokenizer, model.config, requests)
-    prompt_tokens = sum(len(ids) for _, ids, _ in encoded)
+    encoded = run.encode_all(args, tokenizer, model.config, list(enumerate(requests)))
+    prompt_tokens = sum(len(e.ids) for e in encoded)
     small = make_policy("h2o", *POLICIES[policy]) if POLICIES[policy] is not None else None
     gc.collect()
     torch.cuda.empty_cache()
@@ -120,7 +120,8 @@ def one_run(model, tokenizer, inputs: Path, engine: str, policy: str, batch: int
     row = {"engine": engine, "policy": policy, "batch": batch, "requests": n}
     try:
         torch.cuda.synchronize()
-        served = run.run(args, model, tokenizer, encoded, small, str(output), engine)
+        with results.ResultsWriter(output, requests) as writer:
+            served = run.run(args, model, tokenizer, encoded, small, writer, engine, halve_on_oom=False)
     except torch.OutOfMemoryError:
         return {**row, "oom": True}
     floor = 2 * multiplied * (prompt_tokens + served.generated) / floor_rate

@@ -1,7 +1,8 @@
 """Data parallel over ranks started by `torchrun` or `accelerate launch` (torch.distributed).
 
 Every rank answers every world_size-th outstanding request into its own part file, resumable like
-a single run; rank 0 then merges the parts into the output in input order and removes them. A
+a single run (`h2o.results`); rank 0, which holds the output, then hands the parts' results to
+it and removes them. A
 single process (no WORLD_SIZE in the environment) never touches torch.distributed.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from h2o import helm_io
+from h2o import jsonl, results
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,16 @@ def stop(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
-def merge(output: str | Path, todo: list[helm_io.Request], ranks: Ranks) -> None:
-    """Rank 0: append the parts' results to `output` in input order, then remove the parts."""
-    parts = [Ranks(r, ranks.world).part(output) for r in range(ranks.world)]
-    lines = [p.read_text(encoding="utf-8").splitlines() for p in parts]
-    if sum(len(x) for x in lines) != len(todo):
-        raise ValueError(f"{output}: the ranks' parts hold {sum(len(x) for x in lines)} of {len(todo)} results")
-    with open(output, "a", encoding="utf-8") as out:
-        for i in range(len(todo)):
-            out.write(lines[i % ranks.world][i // ranks.world] + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    for p in parts:
-        p.unlink()
+def merge(writer: results.ResultsWriter, todo: list[int], ranks: Ranks) -> None:
+    """Rank 0: hand the parts' results to the output's writer, then remove the parts."""
+    for rank in range(ranks.world):
+        part, mine = Ranks(rank, ranks.world).part(writer.output), Ranks(rank, ranks.world).share(todo)
+        lines = list(jsonl.objects(part, ValueError))
+        if len(lines) != len(mine):
+            raise ValueError(f"{part}: holds {len(lines)} of its {len(mine)} results")
+        for index, line in zip(mine, lines):
+            writer.add(index, line.record)
+    for rank in range(ranks.world):
+        part = Ranks(rank, ranks.world).part(writer.output)
+        for path in (part, Path(f"{part}.lock")):
+            path.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 Input lines: {"request": {"prompt", "temperature", "max_tokens", "stop", "top_p", "n", ...}}.
 Output lines: {"request": <as read>, "result": {"choices": [...], "request_time", ...}}, in input
-order, each written whole and flushed, so an interrupted run leaves a valid prefix to resume from.
+order (`h2o.results` writes them: whole lines, synced, so an interrupted run leaves a valid prefix
+to resume from).
 """
 
 from __future__ import annotations
@@ -94,12 +95,12 @@ def completed_count(output: str | Path, requests: list[Request]) -> int:
         with output.open("r+b") as handle:
             handle.truncate(len(whole))
     done = 0
-    for number, text in enumerate(whole.decode("utf-8").splitlines(), start=1):
+    for number, raw in enumerate(whole.split(b"\n")[:-1], start=1):
         try:
-            record = json.loads(text)
-        except json.JSONDecodeError:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise InputError(f"{output}:{number}: not valid JSON; move the file away to start over") from None
-        if done >= len(requests) or record.get("request") != requests[done].raw:
+        if not isinstance(record, dict) or done >= len(requests) or record.get("request") != requests[done].raw:
             raise InputError(
                 f"{output}:{number}: holds a result for a request not at this place in the input; "
                 "use another --output_path"
@@ -131,19 +132,6 @@ def result_record(request: Request, completion: Completion, seconds: float, batc
             "kv_cache": completion.kv_cache,
         },
     }
-
-
-def open_results(output: str | Path) -> TextIO:
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    return open(output, "a", encoding="utf-8")
-
-
-def append(handle: TextIO, record: dict) -> None:
-    # One write call per line, flushed and synced: a crash leaves whole lines only, or a torn
-    # last line that `completed_count` removes.
-    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
 
 
 def batches(items: list, size: int) -> Iterator[list]:

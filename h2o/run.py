@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from h2o import distributed, helm_io, models
+from h2o import distributed, helm_io, models, results
 from h2o.attention import ATTENTION_IMPLEMENTATIONS
 from h2o.cache import KV_MODES
+from h2o.completion import Completion
 from h2o.fast.engine import FastEngine
 from h2o.generation import Eviction, Sampling, generate
 from h2o.policies import POLICIES, Policy, WithSinks, make_policy
@@ -21,7 +22,6 @@ from h2o.policies import POLICIES, Policy, WithSinks, make_policy
 log = logging.getLogger("run_helm")
 CHAT_TEMPLATE = ("auto", "on", "off")
 ENGINES = ("auto", "reference", "fast")
-WINDOW_BATCHES = 8  # batches per length-sorted window
 
 
 def parser() -> argparse.ArgumentParser:
@@ -116,69 +116,93 @@ def encode(tokenizer, prompt: str, mode: str) -> tuple[list[int], bool]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parser().parse_args(argv)
+    ranks = distributed.Ranks.from_env()
+    output_writer = writer = None
     try:
-        _check(args)
-        options = {"sink_size": args.sink_size} if issubclass(POLICIES[args.policy], WithSinks) else {}
-        policy = (make_policy(args.policy, args.heavy_ratio, args.recent_ratio, **options)
-                  if args.enable_small_cache else None)
-        requests = helm_io.read_requests(args.input_path)[: args.sample_num]
-        ranks = distributed.Ranks.from_env()
-        device = _device(args, ranks)
-        distributed.start(ranks, device)
-        # Rank 0 repairs a torn last line before the others read the output.
-        done = helm_io.completed_count(args.output_path, requests) if ranks.rank == 0 else None
-        distributed.barrier(ranks)
-        if done is None:
-            done = helm_io.completed_count(args.output_path, requests)
-        if done == len(requests):
-            log.info("%s already holds all %d results", args.output_path, done)
-            return 0
-        if done:
-            log.info("resuming: %d of %d requests already in %s", done, len(requests), args.output_path)
-        todo = requests[done:]
-        mine, output = todo, args.output_path
-        if ranks.parallel:
-            mine, output = ranks.share(todo), ranks.part(args.output_path)
-            mine = mine[helm_io.completed_count(output, mine):]
-        engine, why = choose_engine(args, policy)
-        tokenizer, config = models.load_tokenizer(args.model_name, args.model_arch)
-        encoded = encode_all(args, tokenizer, config, mine)
-        log.info("engine: %s (%s)", engine, why)
-        torch.manual_seed(args.seed)
-        loading = time.perf_counter()
-        model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype,
-                                  args.device_map)
-        loaded = time.perf_counter() - loading
-        served = run(args, model, tokenizer, encoded, policy, output, engine)
-        log.info("generated %d tokens in %.2f s: %.1f tok/s (model load %.2f s apart)",
-                 served.generated, served.seconds, served.generated / max(served.seconds, 1e-9), loaded)
-        if served.engine_stats:
-            log.info("fast engine: prefill %.2f s, decode %.2f s", served.engine_stats["prefill_s"],
-                     served.engine_stats["decode_s"])
-        distributed.barrier(ranks)
-        if ranks.parallel and ranks.rank == 0:
-            distributed.merge(args.output_path, todo, ranks)
+        with results.stop_on_signals():
+            _check(args)
+            options = {"sink_size": args.sink_size} if issubclass(POLICIES[args.policy], WithSinks) else {}
+            policy = (make_policy(args.policy, args.heavy_ratio, args.recent_ratio, **options)
+                      if args.enable_small_cache else None)
+            requests = helm_io.read_requests(args.input_path)[: args.sample_num]
+            device = _device(args, ranks)
+            distributed.start(ranks, device)
+            # Rank 0 holds the output (one writer) and repairs it before the others read it.
+            if ranks.rank == 0:
+                output_writer = writer = results.ResultsWriter(args.output_path, requests)
+            distributed.barrier(ranks)
+            todo = output_writer.todo() if output_writer else results.unfinished(args.output_path, requests)
+            if not todo:
+                log.info("%s already holds all %d results", args.output_path, len(requests))
+                return 0
+            if len(todo) < len(requests):
+                log.info("resuming: %d of %d requests already answered in %s", len(requests) - len(todo),
+                         len(requests), args.output_path)
+            if ranks.parallel:
+                mine = ranks.share(todo)
+                writer = results.ResultsWriter(ranks.part(args.output_path), [requests[i] for i in mine])
+            engine, why = choose_engine(args, policy)
+            tokenizer, config = models.load_tokenizer(args.model_name, args.model_arch)
+            encoded = encode_all(args, tokenizer, config, [(i, writer.requests[i]) for i in writer.todo()])
+            log.info("engine: %s (%s)", engine, why)
+            torch.manual_seed(args.seed)
+            loading = time.perf_counter()
+            model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype,
+                                      args.device_map)
+            loaded = time.perf_counter() - loading
+            served = run(args, model, tokenizer, encoded, policy, writer, engine)
+            log.info("generated %d tokens in %.2f s: %.1f tok/s (model load %.2f s apart)",
+                     served.generated, served.seconds, served.generated / max(served.seconds, 1e-9), loaded)
+            if served.engine_stats:
+                log.info("fast engine: prefill %.2f s, decode %.2f s", served.engine_stats["prefill_s"],
+                         served.engine_stats["decode_s"])
+            distributed.barrier(ranks)
+            if ranks.parallel and ranks.rank == 0:
+                distributed.merge(output_writer, todo, ranks)
     except (ValueError, FileNotFoundError) as error:
         print(f"run_helm.py: error: {error}", file=sys.stderr)
         return 2
+    except (results.WriteError, results.Interrupted) as error:
+        what = f"interrupted ({error})" if isinstance(error, results.Interrupted) else f"error: {error}"
+        saved = f"; {_saved(output_writer or writer)}" if (output_writer or writer) else ""
+        print(f"run_helm.py: {what}{saved}; rerun the same command to resume", file=sys.stderr)
+        return 128 + error.signum if isinstance(error, results.Interrupted) else 1
     finally:
-        distributed.stop(distributed.Ranks.from_env())
+        for w in {id(w): w for w in (writer, output_writer) if w is not None}.values():
+            w.close()
+        distributed.stop(ranks)
     return 0
 
 
-def encode_all(args, tokenizer, config, requests: list[helm_io.Request]) -> list[tuple]:
-    """(request, token ids, templated) for each request; a prompt too long for the model is refused."""
+def _saved(writer: results.ResultsWriter) -> str:
+    pending = f", {len(writer.pending)} more in {writer.journal}" if writer.pending else ""
+    return f"{writer.done} of {len(writer.requests)} results in {writer.output}{pending}"
+
+
+def encode_all(args, tokenizer, config, requests: list[tuple[int, helm_io.Request]]) -> list[Encoded]:
+    """Each request's token ids; a prompt too long for the model is refused."""
     context = getattr(config, "max_position_embeddings", None)
     encoded = []
-    for request in requests:
+    for index, request in requests:
         ids, templated = encode(tokenizer, request.prompt, args.chat_template)
         if context and len(ids) + request.max_tokens > context:
             raise ValueError(
                 f"{args.input_path}:{request.line}: prompt of {len(ids)} tokens + max_tokens "
                 f"{request.max_tokens} exceeds the model's context of {context}"
             )
-        encoded.append((request, ids, templated))
+        encoded.append(Encoded(index, request, ids, templated))
     return encoded
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A request to serve: its index in the writer's requests, the request, its prompt's token
+    ids, and whether the chat template wrapped it."""
+
+    index: int
+    request: helm_io.Request
+    ids: list[int]
+    templated: bool
 
 
 @dataclass
@@ -190,47 +214,62 @@ class Served:
     engine_stats: dict[str, float] = field(default_factory=dict)
 
 
-def run(args, model, tokenizer, encoded: list[tuple], policy: Policy | None, output: str,
-        engine: str = "reference") -> Served:
-    """Serve the requests and append their results to `output`."""
-    eviction = Eviction(policy, args.kv_mode, args.attention) if policy is not None else None
-    fast = FastEngine(model, tokenizer, policy, args.batch_size) if engine == "fast" else None
-
-    generated, started, stats = 0, time.perf_counter(), {}
-    with helm_io.open_results(output) as out, tqdm(total=len(encoded), unit="req") as bar:
-        # Batches of similar lengths waste less on padding: sort within a window, then write the
-        # window's results in input order (an interrupted run loses at most one window).
-        window = args.batch_size * WINDOW_BATCHES
-        for start in range(0, len(encoded), window):
-            chunk = encoded[start : start + window]
-            sampling = [
-                Sampling(
-                    max_new_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, top_k=args.k,
-                    stop=r.stop, top_logprobs=r.top_logprobs, seed=args.seed * 1_000_003 + r.line,
-                )
-                for r, _, _ in chunk
-            ]
-            prompts = [ids for _, ids, _ in chunk]
-            if fast is not None:
-                completions = fast.run(prompts, sampling)
-                for name, value in fast.stats.items():
-                    stats[name] = stats.get(name, 0) + value
-                records = [helm_io.result_record(request, done, done.seconds, args.batch_size, templated)
-                           for (request, _, templated), done in zip(chunk, completions)]
-                bar.update(len(chunk))
-            else:
-                records = [None] * len(chunk)
-                by_length = sorted(range(len(chunk)), key=lambda i: len(chunk[i][1]))
-                for rows in helm_io.batches(by_length, args.batch_size):
-                    t0 = time.perf_counter()
-                    completions = generate(model, tokenizer, [prompts[i] for i in rows],
-                                           [sampling[i] for i in rows], eviction)
-                    seconds = time.perf_counter() - t0
-                    for i, done in zip(rows, completions):
-                        records[i] = helm_io.result_record(chunk[i][0], done, seconds, len(rows), chunk[i][2])
-                    bar.update(len(rows))
-            for record in records:
-                generated += len(record["result"]["choices"][0]["logprobs"]["tokens"])
-                helm_io.append(out, record)
+def run(args, model, tokenizer, encoded: list[Encoded], policy: Policy | None, writer: results.ResultsWriter,
+        engine: str = "reference", halve_on_oom: bool = True) -> Served:
+    """Serve the requests and hand each result to `writer` as soon as it exists. Out of GPU
+    memory, the batch is halved and the requests without a result are served again (a request's
+    result does not depend on its batch)."""
+    batch, stats = args.batch_size, {}
+    generated, started = 0, time.perf_counter()
+    left = encoded
+    with tqdm(total=len(encoded), unit="req") as bar:
+        def keep(item: Encoded, done: Completion, seconds: float, size: int) -> None:
+            nonlocal generated
+            writer.add(item.index, helm_io.result_record(item.request, done, seconds, size, item.templated))
+            generated += len(done.token_ids)
+            bar.update(1)
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.1f}")
+
+        while left:
+            try:
+                _serve(args, model, tokenizer, left, policy, engine, batch, keep, stats)
+                break
+            except torch.OutOfMemoryError:
+                if batch == 1 or not halve_on_oom:
+                    raise
+                finished = set(writer.pending) | set(range(writer.done))
+                left = [item for item in left if item.index not in finished]
+                log.warning("out of memory at batch %d: going on at batch %d with the %d requests left",
+                            batch, batch // 2, len(left))
+                batch //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     return Served(generated, time.perf_counter() - started, stats)
+
+
+def _serve(args, model, tokenizer, encoded: list[Encoded], policy: Policy | None, engine: str, batch: int,
+           keep, stats: dict) -> None:
+    sampling = [
+        Sampling(max_new_tokens=e.request.max_tokens, temperature=e.request.temperature, top_p=e.request.top_p,
+                 top_k=args.k, stop=e.request.stop, top_logprobs=e.request.top_logprobs,
+                 seed=args.seed * 1_000_003 + e.request.line)
+        for e in encoded
+    ]
+    prompts = [e.ids for e in encoded]
+    if engine == "fast":
+        fast = FastEngine(model, tokenizer, policy, batch)
+        try:
+            fast.run(prompts, sampling, lambda i, done: keep(encoded[i], done, done.seconds, batch))
+        finally:
+            for name, value in getattr(fast, "stats", {}).items():
+                stats[name] = stats.get(name, 0) + value
+        return
+    eviction = Eviction(policy, args.kv_mode, args.attention) if policy is not None else None
+    # Batches of similar lengths waste less on padding.
+    by_length = sorted(range(len(encoded)), key=lambda i: len(prompts[i]))
+    for rows in helm_io.batches(by_length, batch):
+        t0 = time.perf_counter()
+        completions = generate(model, tokenizer, [prompts[i] for i in rows], [sampling[i] for i in rows], eviction)
+        seconds = time.perf_counter() - t0
+        for i, done in zip(rows, completions):
+            keep(encoded[i], done, seconds, len(rows))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,10 @@ class FastEngine:
         return self.policy.budget(len(prompt))
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], sampling: list[Sampling]) -> list[Completion]:
+    def run(self, prompts: list[list[int]], sampling: list[Sampling],
+            on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+        """Completions in input order; `on_done(index, completion)` hears of each as it ends."""
+        self.on_done = on_done
         if len(prompts) != len(sampling):
             raise ValueError("one Sampling per prompt")
         requests = [
@@ -243,6 +247,8 @@ class FastEngine:
         completion.kv_cache = self._kv_report(request, len(request.transcript.ids))
         completion.seconds = time.perf_counter() - request.started
         done[request.index] = completion
+        if self.on_done is not None:
+            self.on_done(request.index, completion)
 
     def _kv_report(self, request: _Request, generated: int) -> dict:
         per_token = kv_bytes_per_token(self.model)

@@ -36,6 +36,8 @@ def _check_result(result: dict, where: str) -> None:
         logprobs = choice.get("logprobs")
         if logprobs is None:
             continue
+        if not isinstance(logprobs, dict):
+            raise ResultsError(f"{where}: 'logprobs' must be an object")
         tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
         if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values):
             raise ResultsError(f"{where}: 'logprobs' needs 'tokens' and 'token_logprobs' lists of one length")
