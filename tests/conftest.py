@@ -61,3 +61,15 @@ def gqa() -> LlamaForCausalLM:
 def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def save_tiny_model(folder: Path, context: int = 256) -> Path:
+    """A tiny GQA model and the word-level tokenizer saved as a checkpoint folder, for run_helm.py."""
+    tiny_llama(kv_heads=2, context=context).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

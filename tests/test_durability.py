@@ -15,19 +15,11 @@ import pytest
 import torch
 import transformers
 
-from conftest import ROOT, random_prompts, tiny_llama, tiny_tokenizer
+from conftest import ROOT, random_prompts
 from h2o import helm_io, results
 from h2o.run import main
 
 N = 60
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(kv_heads=2, context=256).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +34,15 @@ def inputs(tmp_path_factory):
     return path
 
 
-def _flags(model_dir, inputs, output, *extra):
-    return ["--input_path", str(inputs), "--output_path", str(output), "--model_name", str(model_dir),
+def _flags(tiny_model_dir, inputs, output, *extra):
+    return ["--input_path", str(inputs), "--output_path", str(output), "--model_name", str(tiny_model_dir),
             "--no_cuda", "--enable_small_cache", "--batch_size", "2", *extra]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(model_dir, inputs, tmp_path_factory):
+def uninterrupted(tiny_model_dir, inputs, tmp_path_factory):
     output = tmp_path_factory.mktemp("whole") / "out.jsonl"
-    assert main(_flags(model_dir, inputs, output)) == 0
+    assert main(_flags(tiny_model_dir, inputs, output)) == 0
     return _texts(output)
 
 
@@ -68,9 +60,9 @@ def _whole_lines(path):
     return complete
 
 
-def _start(model_dir, inputs, output):
+def _start(tiny_model_dir, inputs, output):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "run_helm.py"), *_flags(model_dir, inputs, output)],
+    return subprocess.Popen([sys.executable, str(ROOT / "run_helm.py"), *_flags(tiny_model_dir, inputs, output)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -88,9 +80,9 @@ def _wait_for(process, output, count, timeout=120):
         time.sleep(0.02)
 
 
-def test_sigkill_loses_only_the_requests_in_flight(model_dir, inputs, uninterrupted, tmp_path, caplog):
+def test_sigkill_loses_only_the_requests_in_flight(tiny_model_dir, inputs, uninterrupted, tmp_path, caplog):
     output = tmp_path / "out.jsonl"
-    process = _start(model_dir, inputs, output)
+    process = _start(tiny_model_dir, inputs, output)
     _wait_for(process, output, 6)
     process.kill()
     process.wait()
@@ -98,7 +90,7 @@ def test_sigkill_loses_only_the_requests_in_flight(model_dir, inputs, uninterrup
     assert saved < N  # killed mid-run
     # The rerun keeps what was saved (a line torn by the kill at most is lost) and completes.
     with caplog.at_level("INFO"):
-        assert main(_flags(model_dir, inputs, output)) == 0
+        assert main(_flags(tiny_model_dir, inputs, output)) == 0
     resumed = int(caplog.text.split("resuming: ")[1].split(" of ")[0])
     assert resumed >= saved - 1
     assert _texts(output) == uninterrupted
@@ -107,9 +99,9 @@ def test_sigkill_loses_only_the_requests_in_flight(model_dir, inputs, uninterrup
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_sigint_leave_a_valid_output(model_dir, inputs, uninterrupted, tmp_path, signum, code):
+def test_sigterm_and_sigint_leave_a_valid_output(tiny_model_dir, inputs, uninterrupted, tmp_path, signum, code):
     output = tmp_path / "out.jsonl"
-    process = _start(model_dir, inputs, output)
+    process = _start(tiny_model_dir, inputs, output)
     _wait_for(process, output, 4)
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
@@ -118,27 +110,27 @@ def test_sigterm_and_sigint_leave_a_valid_output(model_dir, inputs, uninterrupte
     assert len(message) == 1 and "interrupted" in message[0] and "rerun the same command to resume" in message[0]
     done = len(_whole_lines(output))
     assert f"{done} of {N} results in {output}" in message[0]
-    assert main(_flags(model_dir, inputs, output)) == 0
+    assert main(_flags(tiny_model_dir, inputs, output)) == 0
     assert _texts(output) == uninterrupted
 
 
-def test_a_second_run_on_the_same_output_stops_at_once(model_dir, inputs, uninterrupted, tmp_path, capsys):
+def test_a_second_run_on_the_same_output_stops_at_once(tiny_model_dir, inputs, uninterrupted, tmp_path, capsys):
     output = tmp_path / "out.jsonl"
-    first = _start(model_dir, inputs, output)
+    first = _start(tiny_model_dir, inputs, output)
     _wait_for(first, output, 1)
     capsys.readouterr()
-    assert main(_flags(model_dir, inputs, output)) == 2
+    assert main(_flags(tiny_model_dir, inputs, output)) == 2
     error = capsys.readouterr().err.strip()
     assert error == (f"run_helm.py: error: {output}: another run (pid {first.pid}) is writing it; wait for it "
                      "to end or use another --output_path")
     first.kill()
     first.wait()
     # The lock died with its process.
-    assert main(_flags(model_dir, inputs, output)) == 0
+    assert main(_flags(tiny_model_dir, inputs, output)) == 0
     assert _texts(output) == uninterrupted
 
 
-def test_a_full_disk_leaves_whole_lines_and_says_what_is_safe(model_dir, inputs, uninterrupted, tmp_path,
+def test_a_full_disk_leaves_whole_lines_and_says_what_is_safe(tiny_model_dir, inputs, uninterrupted, tmp_path,
                                                                monkeypatch, capsys):
     output = tmp_path / "out.jsonl"
     real_write, calls = os.write, []
@@ -152,7 +144,7 @@ def test_a_full_disk_leaves_whole_lines_and_says_what_is_safe(model_dir, inputs,
 
     monkeypatch.setattr(results.os, "write", write)
     capsys.readouterr()
-    assert main(_flags(model_dir, inputs, output)) == 1
+    assert main(_flags(tiny_model_dir, inputs, output)) == 1
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("run_helm.py:")]
     assert len(error) == 1 and "no space left on the device" in error[0]
     assert "rerun the same command to resume" in error[0]
@@ -161,12 +153,12 @@ def test_a_full_disk_leaves_whole_lines_and_says_what_is_safe(model_dir, inputs,
             assert path.read_bytes().endswith(b"\n")
             _whole_lines(path)
     monkeypatch.setattr(results.os, "write", real_write)
-    assert main(_flags(model_dir, inputs, output)) == 0
+    assert main(_flags(tiny_model_dir, inputs, output)) == 0
     assert _texts(output) == uninterrupted
 
 
 @pytest.mark.parametrize("engine", ["fast", "reference"])
-def test_out_of_memory_halves_the_batch_and_goes_on(model_dir, inputs, tmp_path, monkeypatch, caplog, engine):
+def test_out_of_memory_halves_the_batch_and_goes_on(tiny_model_dir, inputs, tmp_path, monkeypatch, caplog, engine):
     forward = transformers.LlamaForCausalLM.forward
     calls = []
 
@@ -177,11 +169,11 @@ def test_out_of_memory_halves_the_batch_and_goes_on(model_dir, inputs, tmp_path,
         return forward(self, input_ids=input_ids, **kwargs)
 
     expected = tmp_path / "at2.jsonl"
-    assert main(_flags(model_dir, inputs, expected, "--batch_size", "2", "--engine", engine)) == 0
+    assert main(_flags(tiny_model_dir, inputs, expected, "--batch_size", "2", "--engine", engine)) == 0
     monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", limited)
     output = tmp_path / "out.jsonl"
     with caplog.at_level("INFO"):
-        assert main(_flags(model_dir, inputs, output, "--batch_size", "8", "--engine", engine)) == 0
+        assert main(_flags(tiny_model_dir, inputs, output, "--batch_size", "8", "--engine", engine)) == 0
     assert caplog.text.count("out of memory at batch") == 2  # 8 -> 4 -> 2, each said once
     assert "going on at batch 2" in caplog.text
     assert _texts(output) == _texts(expected)

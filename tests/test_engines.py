@@ -118,16 +118,6 @@ def test_smollm2_engines_agree_at_helms_temperature(smollm2, name):
     assert _policy(name) is None or fast[0].kv_cache["kv_bytes_peak"] < fast[0].kv_cache["kv_bytes_full"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from conftest import tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(kv_heads=2, context=256).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def _requests(path, lengths, seed=3):
     with open(path, "w") as f:
         for i, prompt in enumerate(random_prompts(lengths, seed=seed)):

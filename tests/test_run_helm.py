@@ -4,16 +4,13 @@ import json
 
 import pytest
 
-from conftest import random_prompts, tiny_llama, tiny_tokenizer
+from conftest import random_prompts, save_tiny_model
 from h2o.run import main
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(kv_heads=2, context=128).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), context=128)
 
 
 def _requests(path, n=4, lengths=None, **overrides):

@@ -7,19 +7,11 @@ import json
 
 import pytest
 
-from conftest import random_prompts, tiny_llama, tiny_tokenizer
+from conftest import random_prompts
 from h2o.run import main
 
 LENGTHS = [70, 31, 95, 44, 58, 23, 81]  # neither ascending nor descending
 MAX_TOKENS = [12, 5, 16, 9, 14, 7, 11]  # rows end at different steps
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(kv_heads=2, context=256).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def _request(prompt: list[int], max_tokens: int) -> dict:
@@ -32,8 +24,8 @@ def _write(path, requests: list[dict]):
     return path
 
 
-def _run(model_dir, inp, out, *flags) -> list[dict]:
-    assert main(["--input_path", str(inp), "--output_path", str(out), "--model_name", str(model_dir),
+def _run(tiny_model_dir, inp, out, *flags) -> list[dict]:
+    assert main(["--input_path", str(inp), "--output_path", str(out), "--model_name", str(tiny_model_dir),
                  "--no_cuda", *flags]) == 0
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -62,13 +54,13 @@ RUNS = {
 
 @pytest.mark.parametrize("batch_size", ["2", "3"])
 @pytest.mark.parametrize("run", list(RUNS))
-def test_results_come_in_input_order_and_equal_each_request_alone(model_dir, tmp_path, run, batch_size):
+def test_results_come_in_input_order_and_equal_each_request_alone(tiny_model_dir, tmp_path, run, batch_size):
     requests = [_request(p, m) for p, m in zip(random_prompts(LENGTHS, seed=40), MAX_TOKENS)]
     inp = _write(tmp_path / "in.jsonl", requests)
-    lines = _run(model_dir, inp, tmp_path / "out.jsonl", "--batch_size", batch_size, *RUNS[run])
+    lines = _run(tiny_model_dir, inp, tmp_path / "out.jsonl", "--batch_size", batch_size, *RUNS[run])
     assert [line["request"] for line in lines] == requests
     for i, (line, request) in enumerate(zip(lines, requests)):
-        alone = _run(model_dir, _write(tmp_path / f"alone{i}.jsonl", [request]), tmp_path / f"alone{i}.out.jsonl",
+        alone = _run(tiny_model_dir, _write(tmp_path / f"alone{i}.jsonl", [request]), tmp_path / f"alone{i}.out.jsonl",
                      *RUNS[run])
         # Mask mode's peak counts what the batch decodes after the request ended (not compared).
         _same_result(line["result"], alone[0]["result"], ("kv_bytes_peak",) if run == "reference-mask" else ())
@@ -80,11 +72,11 @@ def test_results_come_in_input_order_and_equal_each_request_alone(model_dir, tmp
     assert len(set(texts)) == len(texts)  # each request its own continuation: a mix-up would show
 
 
-def test_both_engines_agree_on_the_shuffled_requests(model_dir, tmp_path):
+def test_both_engines_agree_on_the_shuffled_requests(tiny_model_dir, tmp_path):
     requests = [_request(p, m) for p, m in zip(random_prompts(LENGTHS, seed=40), MAX_TOKENS)]
     inp = _write(tmp_path / "in.jsonl", requests)
     for small in (SMALL, []):
-        runs = [_run(model_dir, inp, tmp_path / f"{engine}{len(small)}.jsonl", "--batch_size", "3",
+        runs = [_run(tiny_model_dir, inp, tmp_path / f"{engine}{len(small)}.jsonl", "--batch_size", "3",
                      "--engine", engine, *small) for engine in ("reference", "fast")]
         for reference, fast in zip(*runs):
             # The fast engine's peak counts its allocated slots; the reference's what it held.
