@@ -66,7 +66,8 @@ def one(model: Path, inputs: Path, work: Path, gpus: int, policy: str, batch: in
     command = [shutil.which("torchrun") or "torchrun", "--nproc_per_node", str(gpus), "--master_port", "29611",
                str(ROOT / "run_helm.py"), "--input_path", str(inputs), "--output_path", str(output),
                "--model_name", str(model), "--fp16", "--batch_size", str(batch), *POLICIES[policy]]
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path}
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
