@@ -10,6 +10,10 @@ one set of tokens and the cache shrinks by the same ratio as for a multi-head mo
 
 - "h2o_eager" mirrors the paper's arithmetic op for op (divide by sqrt(head_dim), masked
   columns set to the dtype's minimum, softmax in float32), so mask mode matches its tokens.
+  The paper's files for its other families scale q.k their own way: OPT's multiplies the query
+  before the product, which transformers' OPT does too (it passes scaling 1.0, a no-op here);
+  GPT-NeoX's is one `baddbmm` with alpha = 1 / sqrt(head_size) in float32, done the same way
+  here for that family (`FUSED_SCALING`).
 - "h2o_sdpa" takes the output from `scaled_dot_product_attention` and computes the scores
   beside it.
 """
@@ -31,19 +35,40 @@ from h2o.policies import Observation
 MAX_SCORE_ELEMENTS = 1 << 28
 
 
+# Model types whose paper file computes q.k as baddbmm(zeros, q, k^T, alpha=1 / norm_factor), with
+# norm_factor = sqrt(head_size) in float32 (GPT-NeoX): the multiply sits inside the product, so
+# matmul-then-scale differs from it in the last bits.
+FUSED_SCALING = ("gpt_neox",)
+
+
+def _fused_alpha(module, scaling: float, head_dim: int) -> float | None:
+    """The paper's baddbmm alpha for this layer's family, or None for LLaMA's division."""
+    if getattr(getattr(module, "config", None), "model_type", None) not in FUSED_SCALING:
+        return None
+    if not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-6):
+        return None
+    return float(torch.tensor(1.0) / torch.sqrt(torch.tensor(head_dim, dtype=torch.float32)))
+
+
 def _probabilities(
-    query: torch.Tensor, key: torch.Tensor, hidden: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, hidden: torch.Tensor, scaling: float, alpha: float | None = None
 ) -> torch.Tensor:
     """(B, Hkv, G, q, S) float32 softmax probabilities, with the paper's operation order."""
     b, hkv, s, d = key.shape
     groups = query.shape[1] // hkv
     q_len = query.shape[2]
     grouped = query.reshape(b, hkv, groups * q_len, d)
-    logits = torch.matmul(grouped, key.transpose(2, 3))
-    if math.isclose(scaling, d**-0.5, rel_tol=1e-12):
-        logits.div_(math.sqrt(d))
+    if alpha is not None:
+        rows = grouped.reshape(b * hkv, groups * q_len, d)
+        logits = torch.baddbmm(rows.new_zeros(b * hkv, groups * q_len, s), rows,
+                               key.reshape(b * hkv, s, d).transpose(1, 2), beta=1.0, alpha=alpha)
+        logits = logits.view(b, hkv, groups * q_len, s)
     else:
-        logits.mul_(scaling)
+        logits = torch.matmul(grouped, key.transpose(2, 3))
+        if math.isclose(scaling, d**-0.5, rel_tol=1e-12):
+            logits.div_(math.sqrt(d))
+        else:
+            logits.mul_(scaling)
     logits = logits.view(b, hkv, groups, q_len, s)
     logits.masked_fill_(hidden[:, :, None], torch.finfo(logits.dtype).min)
     return F.softmax(logits, dim=-1, dtype=torch.float32)
@@ -71,6 +96,7 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
     groups = hq // hkv
     positions, row_valid = cache.query_positions.to(query.device), cache.query_valid.to(query.device)
     slot_positions, active = layer.columns()
+    alpha = _fused_alpha(module, scaling, d)
 
     rows = max(1, min(q_len, MAX_SCORE_ELEMENTS // max(1, b * hq * s)))
     received = torch.zeros(b, hkv, 1, s, dtype=torch.float32, device=query.device)
@@ -78,7 +104,7 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
     for start in range(0, q_len, rows):
         stop = min(q_len, start + rows)
         hidden = _hidden(slot_positions, active, positions[:, start:stop])
-        probs = _probabilities(query[:, :, start:stop], key, hidden, scaling)
+        probs = _probabilities(query[:, :, start:stop], key, hidden, scaling, alpha)
         if use_sdpa:
             out = F.scaled_dot_product_attention(
                 query[:, :, start:stop],

@@ -135,7 +135,8 @@ def kv_bytes_per_token(model: PreTrainedModel) -> int:
     """Bytes of one token's keys and values over all layers and KV heads."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim * model.dtype.itemsize
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # OPT, GPT-NeoX: none
+    return config.num_hidden_layers * kv_heads * 2 * head_dim * model.dtype.itemsize
 
 
 def _kv_report(model, cache, eviction: Eviction | None, row: int, prompt_len: int, generated: int) -> dict:

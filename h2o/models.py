@@ -27,7 +27,7 @@ from transformers import (
 
 DEFAULT_MODEL = "smollm2"
 # Architectures whose attention goes through transformers' AttentionInterface and a standard Cache.
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt_neox")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
