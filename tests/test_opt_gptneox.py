@@ -2,17 +2,21 @@
 mask mode gives the paper's greedy tokens (restated in paper_reference_opt.py and
 paper_reference_gptneox.py), drop mode gives mask mode's, the fast engine the reference engine's
 and a batch what each prompt gets alone, for the full cache and every policy; then run_helm.py
-with --model_arch opt / gpt_neox on saved folders, --device_map auto included."""
+with --model_arch opt / gpt_neox on saved folders, --device_map auto included, and the paper's
+scripts/helm/h2o.sh then HELM's our_run.sh (offline) on each family's results."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import VOCAB, random_prompts, tiny_tokenizer
+from conftest import ROOT, random_prompts, tiny_tokenizer
 from h2o.fast import FastEngine, generate_fast
 from h2o.generation import Decoder, Eviction, Sampling, generate
 from h2o.policies import make_policy
@@ -20,6 +24,10 @@ from h2o.run import main
 from paper_reference_gptneox import paper_greedy_gptneox
 from paper_reference_opt import paper_greedy_opt
 from tiny_families import FAMILIES, save_tiny
+
+sys.path.insert(0, str(ROOT / "helm"))
+from lab_helm import testing  # noqa: E402
+from lab_helm.tasks import model_archs  # noqa: E402
 
 PAPER = {"opt": paper_greedy_opt, "gpt_neox": paper_greedy_gptneox}
 RATIOS = [(0.1, 0.1), (0.2, 0.1), (0.0, 0.2), (0.3, 0.05)]
@@ -203,3 +211,25 @@ def test_an_unknown_or_mismatched_arch_is_refused_naming_the_families(model_dir,
     other = "gpt_neox" if arch == "opt" else "opt"
     assert main([*args, "--model_arch", other]) == 2
     assert f"does not match the model's architecture '{arch}'" in capsys.readouterr().err
+
+
+# The paper's scripts and HELM, as a user runs them.
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_the_helm_scripts_and_our_run(arch, tmp_path):
+    assert arch in model_archs()  # a deployment h2o-lab/<arch> in helm/prod_env
+    folder = save_tiny(arch, tmp_path / f"tiny-{arch}", context=2048)  # XSUM prompts: up to ~1000 words
+    results_file = tmp_path / f"xsum-{arch}-h2o.jsonl"
+    env = {**os.environ, "OUTPUT": str(results_file), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "scripts/helm/h2o.sh"), "xsum", str(folder), arch, "--sample_num", "2",
+                           "--no_cuda"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line)["result"] for line in results_file.read_text().splitlines()]
+    assert len(results) == 2 and all(r["kv_cache"]["policy"] == "h2o" for r in results)
+    if testing.net_cut() is None:
+        pytest.skip("cannot cut the network (unshare -n) for HELM")
+    out = tmp_path / "benchmark_output"
+    done = testing.our_run(str(results_file), "xsum", arch, output_path=out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 requests evaluated" in done.stdout
+    assert testing.stat_mean(out, f"xsum-{arch}-h2o", "rouge_2") >= 0
