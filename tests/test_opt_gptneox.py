@@ -7,6 +7,7 @@ scripts/helm/h2o.sh then HELM's our_run.sh (offline) on each family's results.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -233,3 +234,72 @@ def test_the_helm_scripts_and_our_run(arch, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 requests evaluated" in done.stdout
     assert testing.stat_mean(out, f"xsum-{arch}-h2o", "rouge_2") >= 0
+
+
+# In a fresh process with TRITON_INTERPRET=1 (Triton reads it at import): the fast engine with the
+# Triton kernels on the CPU, and its torch path where the head size does not fit them.
+_INTERPRETED = """
+import json, sys, torch
+sys.path[:0] = sys.argv[1:]
+from conftest import random_prompts, tiny_tokenizer
+from tiny_families import FAMILIES
+from h2o.fast import FastEngine, kernels
+from h2o.generation import Sampling
+from h2o.policies import make_policy
+assert kernels.available(torch.device("cpu")), "Triton's interpreter is off"
+out = {}
+for arch, build in FAMILIES.items():
+    for head_dim in (32, 24):
+        engine = FastEngine(build(head_dim=head_dim), tiny_tokenizer(), make_policy("h2o", 0.1, 0.1), 2, steps_per_check=4)
+        done = engine.run(random_prompts([64, 41], seed=5), [Sampling(max_new_tokens=8), Sampling(max_new_tokens=6)])
+        out[f"{arch}-{head_dim}"] = [engine.cache.use_kernels, [c.token_ids for c in done]]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_the_kernels_serve_both_families_where_the_head_size_fits(tokenizer):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED, str(ROOT), str(ROOT / "tests")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    policy = make_policy("h2o", 0.1, 0.1)
+    for arch, build in FAMILIES.items():
+        for head_dim in (32, 24):
+            used_kernels, tokens = results[f"{arch}-{head_dim}"]
+            assert used_kernels == (head_dim == 32)
+            reference = generate(build(head_dim=head_dim), tokenizer, random_prompts([64, 41], seed=5),
+                                 [Sampling(max_new_tokens=8), Sampling(max_new_tokens=6)], Eviction(policy, "drop"))
+            assert tokens == _texts(reference), f"{arch}-{head_dim}"
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("head_dim", [32, 24], ids=["kernels", "head-24-torch-path"])
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_on_cuda_the_fast_engine_gives_the_reference_results(arch, tokenizer, head_dim):
+    # CUDA graphs, continuous batching, and the Triton kernels where the head size fits them
+    # (OPT's query arrives scaled, with scaling 1.0); GPT-NeoX heads of 80 or 96 take the torch path.
+    from h2o.fast import kernels
+
+    if not kernels.available(torch.device("cuda")):
+        pytest.skip("needs Triton")
+    model = FAMILIES[arch](head_dim=head_dim).cuda()
+    prompts = random_prompts([64, 101, 64, 90, 77], seed=5)
+    sampling = [Sampling(max_new_tokens=n) for n in (24, 17, 30, 9, 21)]
+    for name in ("full", "h2o", "local"):
+        policy = None if name == "full" else make_policy(*POLICIES[name])
+        reference = generate(model, tokenizer, prompts, sampling, None if policy is None else Eviction(policy, "drop"))
+        engine = FastEngine(model, tokenizer, policy, 2)
+        fast = engine.run(prompts, sampling)
+        assert _texts(fast) == _texts(reference), name
+        for a, b in zip(fast, reference):
+            assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-3), name
+        assert engine.cache.use_kernels == (head_dim == 32)
+        assert engine.stats["captures"] > 0
+        if policy is not None:
+            greedy = generate_fast(model, prompts, 30, policy).token_ids
+            assert [g[: s.max_new_tokens] for g, s in zip(greedy, sampling)] == _texts(reference), name

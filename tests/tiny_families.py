@@ -1,6 +1,7 @@
 """Tiny random OPT and GPT-NeoX models (the paper's other two families), built from their
-transformers configs: multi-head, three layers, 24-dimensional heads (head_dim**-0.5 is not a
-power of two, so where the scaling happens shows in the last bits), with weights scaled up from
+transformers configs: multi-head, three layers, 24-dimensional heads by default (head_dim**-0.5
+is not a power of two, so where the scaling happens shows in the last bits; the Triton kernels
+need 16, 32, 64...), with weights scaled up from
 the init so that attention is sharp and eviction choices are not near-ties."""
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from conftest import VOCAB, tiny_tokenizer
 HEADS, HEAD_DIM, LAYERS = 4, 24, 3
 
 
-def tiny_opt(seed: int = 0, context: int = 256, vocab: int = VOCAB) -> OPTForCausalLM:
+def tiny_opt(seed: int = 0, context: int = 256, vocab: int = VOCAB, head_dim: int = HEAD_DIM) -> OPTForCausalLM:
     torch.manual_seed(seed)
     config = OPTConfig(
-        vocab_size=vocab, hidden_size=HEADS * HEAD_DIM, ffn_dim=128, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, max_position_embeddings=context, word_embed_proj_dim=HEADS * HEAD_DIM,
+        vocab_size=vocab, hidden_size=HEADS * head_dim, ffn_dim=128, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, max_position_embeddings=context, word_embed_proj_dim=HEADS * head_dim,
         dropout=0.0, tie_word_embeddings=False, eos_token_id=1, pad_token_id=0, bos_token_id=0,
     )
     model = OPTForCausalLM(config).eval()
@@ -38,10 +39,11 @@ def tiny_opt(seed: int = 0, context: int = 256, vocab: int = VOCAB) -> OPTForCau
     return model
 
 
-def tiny_gpt_neox(seed: int = 0, context: int = 256, vocab: int = VOCAB) -> GPTNeoXForCausalLM:
+def tiny_gpt_neox(seed: int = 0, context: int = 256, vocab: int = VOCAB,
+                  head_dim: int = HEAD_DIM) -> GPTNeoXForCausalLM:
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=vocab, hidden_size=HEADS * HEAD_DIM, intermediate_size=128, num_hidden_layers=LAYERS,
+        vocab_size=vocab, hidden_size=HEADS * head_dim, intermediate_size=128, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, max_position_embeddings=context, rotary_pct=0.25,
         use_parallel_residual=True, tie_word_embeddings=False, eos_token_id=1, pad_token_id=0, bos_token_id=0,
     )
@@ -50,7 +52,7 @@ def tiny_gpt_neox(seed: int = 0, context: int = 256, vocab: int = VOCAB) -> GPTN
         model.gpt_neox.embed_in.weight.mul_(25.0)
         for layer in model.gpt_neox.layers:
             hidden = config.hidden_size
-            qkv = layer.attention.query_key_value.weight.view(HEADS, 3, HEAD_DIM, hidden)
+            qkv = layer.attention.query_key_value.weight.view(HEADS, 3, head_dim, hidden)
             qkv[:, :2].mul_(15.0)  # queries and keys
             qkv[:, 2].mul_(10.0)
             for linear in (layer.attention.dense, layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h):

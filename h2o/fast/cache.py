@@ -50,6 +50,7 @@ class FastCache(Cache):
         if type(policy).select is not Policy.select:
             raise ValueError(f"the fast path implements Policy.select; {type(policy).__name__} overrides it")
         device = torch.device(device)
+        self.kernels_asked = use_kernels
         h2o_scoring = (type(policy).accumulate is Policy.accumulate and type(policy).rank is Policy.rank
                        and policy.parks_leaving_token)
         if use_kernels is None:
@@ -147,6 +148,11 @@ class FastLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, s = self.owner.batch, key_states.shape[1], self.owner.capacity
+        if self.owner.use_kernels and not kernels.fits(key_states.shape[-1]):
+            # Known at the first layer's first keys, before any attention: the torch path serves.
+            if self.owner.kernels_asked:
+                raise ValueError(f"the Triton kernels take head sizes 16, 32, 64, ...; not {key_states.shape[-1]}")
+            self.owner.use_kernels = False
         self.device = key_states.device
         # Zeros, not empty: a masked slot's probability is exactly 0, but 0 * NaN garbage is not.
         self.keys = key_states.new_zeros(b, h, s, key_states.shape[-1])

@@ -36,6 +36,12 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def fits(head_dim: int) -> bool:
+    """Whether the kernels take this head size: a power of two, at least 16 (`tl.arange` and
+    `tl.dot` over it). Pythia-2.8B's 80 and GPT-NeoX-20B's 96 are not."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 if triton is not None:
 
     @triton.jit
