@@ -184,11 +184,13 @@ def test_run_helm_with_model_arch(model_dir, tmp_path):
         "drop": _run(model_dir, inp, tmp_path / "drop.jsonl", "--batch_size", "3", *SMALL, "--engine", "reference"),
         "drop1": _run(model_dir, inp, tmp_path / "drop1.jsonl", *SMALL, "--engine", "reference"),
         "fast": _run(model_dir, inp, tmp_path / "fast.jsonl", "--batch_size", "3", *SMALL),
+        "sdpa": _run(model_dir, inp, tmp_path / "sdpa.jsonl", "--batch_size", "3", *SMALL, "--engine", "reference",
+                     "--attention", "sdpa"),
         "device_map": _run(model_dir, inp, tmp_path / "map.jsonl", "--batch_size", "2", *SMALL, "--device_map", "auto"),
     }
     drop = _choices(runs["drop"])
     assert [len(tokens) for _, tokens in drop] == MAX_TOKENS
-    for name in ("mask", "drop1", "fast", "device_map"):
+    for name in ("mask", "drop1", "fast", "sdpa", "device_map"):
         assert _choices(runs[name]) == drop, name
     assert _choices(runs["full_fast"]) == _choices(runs["full"])
     assert drop != _choices(runs["full"])
