@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from h2o import jsonl, results
@@ -41,7 +42,12 @@ class Ranks:
 
 def start(ranks: Ranks, device: str) -> None:
     if ranks.parallel:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            # NCCL's collectives (the barriers) run on the current device: this rank's own.
+            torch.cuda.set_device(torch.device(device))
+            dist.init_process_group("nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo")
 
 
 def barrier(ranks: Ranks) -> None:
