@@ -110,14 +110,19 @@ def generate(
     eos = eos_ids(model, tokenizer)
     sampler = Sampler.for_requests(sampling, logits.device)
     transcripts = [Transcript(tokenizer, s, eos) for s in sampling]
+    # Each row's KV peak when it ends: rows done early keep stepping for the others.
+    peaks: list[int | None] = [None] * len(prompts)
     steps = max(s.max_new_tokens for s in sampling)
     for step in range(steps):
         choice = sampler.choose(logits, torch.full((len(prompts),), step, device=logits.device))
         tokens, chosen = choice.tokens.tolist(), choice.logprobs.tolist()
         top_values, top_ids = choice.top_logprobs.tolist(), choice.top_ids.tolist()
-        for row, transcript in enumerate(transcripts):
-            if transcript.reason is None:
-                transcript.add(tokens[row], chosen[row], top_values[row], top_ids[row])
+        ended = [row for row, transcript in enumerate(transcripts) if transcript.reason is None
+                 and transcript.add(tokens[row], chosen[row], top_values[row], top_ids[row])]
+        if ended and eviction is not None:
+            now = decoder.cache.peak_bytes()
+            for row in ended:
+                peaks[row] = now[row]
         if all(t.reason is not None for t in transcripts) or step == steps - 1:
             break
         # Rows already done still take a step; what they compute is never read.
@@ -126,7 +131,8 @@ def generate(
     completions = []
     for row, transcript in enumerate(transcripts):
         done = transcript.finish()
-        done.kv_cache = _kv_report(model, decoder.cache, eviction, row, len(prompts[row]), len(transcript.ids))
+        done.kv_cache = _kv_report(model, decoder.cache, eviction, row, len(prompts[row]), len(transcript.ids),
+                                   peaks[row])
         completions.append(done)
     return completions
 
@@ -139,7 +145,8 @@ def kv_bytes_per_token(model: PreTrainedModel) -> int:
     return config.num_hidden_layers * kv_heads * 2 * head_dim * model.dtype.itemsize
 
 
-def _kv_report(model, cache, eviction: Eviction | None, row: int, prompt_len: int, generated: int) -> dict:
+def _kv_report(model, cache, eviction: Eviction | None, row: int, prompt_len: int, generated: int,
+               peak: int | None = None) -> dict:
     per_token = kv_bytes_per_token(model)
     # The last token's key and value are never written: a full cache peaks one short of the end.
     full = (prompt_len + max(0, generated - 1)) * per_token
@@ -156,6 +163,6 @@ def _kv_report(model, cache, eviction: Eviction | None, row: int, prompt_len: in
         "heavy_budget": budget.heavy,
         "recent_budget": budget.recent,
         "prompt_tokens": prompt_len,
-        "kv_bytes_peak": cache.peak_bytes()[row],
+        "kv_bytes_peak": peak if peak is not None else cache.peak_bytes()[row],
         "kv_bytes_full": full,
     }

@@ -112,6 +112,15 @@ def load_tokenizer(name: str = DEFAULT_MODEL, arch: str = "llama") -> tuple[PreT
     return AutoTokenizer.from_pretrained(where, **kwargs), config
 
 
+def attention_window(config: PretrainedConfig) -> int | None:
+    """The sliding attention window of a model that uses one (Mistral; Qwen2 and Qwen3 when
+    `use_sliding_window`), else None."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 def load_model(
     name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32", device_map: str | None = None
 ) -> PreTrainedModel:

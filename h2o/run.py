@@ -182,13 +182,23 @@ def _saved(writer: results.ResultsWriter) -> str:
 def encode_all(args, tokenizer, config, requests: list[tuple[int, helm_io.Request]]) -> list[Encoded]:
     """Each request's token ids; a prompt too long for the model is refused."""
     context = getattr(config, "max_position_embeddings", None)
+    window = models.attention_window(config)
     encoded = []
     for index, request in requests:
         ids, templated = encode(tokenizer, request.prompt, args.chat_template)
+        where = f"{args.input_path}:{request.line}"
+        if not ids:
+            raise ValueError(f"{where}: the prompt encodes to no tokens")
         if context and len(ids) + request.max_tokens > context:
             raise ValueError(
-                f"{args.input_path}:{request.line}: prompt of {len(ids)} tokens + max_tokens "
-                f"{request.max_tokens} exceeds the model's context of {context}"
+                f"{where}: prompt of {len(ids)} tokens + max_tokens {request.max_tokens} exceeds the model's "
+                f"context of {context}"
+            )
+        if window and len(ids) + request.max_tokens > window:
+            # The caches attend over every slot they hold: a sliding window is not applied.
+            raise ValueError(
+                f"{where}: prompt of {len(ids)} tokens + max_tokens {request.max_tokens} exceeds the model's "
+                f"sliding attention window of {window}, which the lab does not apply"
             )
         encoded.append(Encoded(index, request, ids, templated))
     return encoded

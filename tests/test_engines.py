@@ -181,3 +181,14 @@ def test_on_cuda_kernels_and_graphs_give_the_reference_results(tokenizer, name):
         engine = FastEngine(model, tokenizer, _policy(name), rows, steps_per_check=4)
         _assert_same(engine.run(prompts, sampling), alone)
         assert engine.stats["captures"] >= 1
+
+
+def test_both_engines_count_the_full_caches_bytes_alike(gqa, tokenizer):
+    prompts = random_prompts([40, 70], seed=3)
+    sampling = [Sampling(max_new_tokens=64), Sampling(max_new_tokens=9)]
+    fast = FastEngine(gqa, tokenizer, None, 2).run(prompts, sampling)
+    reference = _reference(gqa, tokenizer, prompts, sampling, None, batch=2)
+    for a, b in zip(fast, reference):
+        assert (a.kv_cache["kv_bytes_peak"], a.kv_cache["kv_bytes_full"]) == (
+            b.kv_cache["kv_bytes_peak"], b.kv_cache["kv_bytes_full"])
+        assert a.kv_cache["kv_bytes_peak"] == a.kv_cache["kv_bytes_full"]

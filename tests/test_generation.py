@@ -166,3 +166,21 @@ def test_token_logprobs_are_those_of_the_chosen_tokens(gqa, tokenizer):
     assert out.token_logprobs == pytest.approx(expected, abs=1e-4)
     assert all(len(top) == 3 for top in out.top_logprobs)
     assert all(max(top.values()) == pytest.approx(lp, abs=1e-6) for top, lp in zip(out.top_logprobs, out.token_logprobs))
+
+
+@pytest.mark.parametrize("mode", ["mask", "drop"])
+def test_kv_peak_of_a_request_does_not_depend_on_its_batch(gqa, tokenizer, mode):
+    # The second request ends first; the first keeps decoding in the same batch.
+    prompts = random_prompts([70, 31], seed=40)
+    sampling = [Sampling(max_new_tokens=12), Sampling(max_new_tokens=5)]
+    eviction = Eviction(make_policy("h2o", 0.1, 0.1), mode)
+    batch = generate(gqa, tokenizer, prompts, sampling, eviction)
+    alone = [generate(gqa, tokenizer, [p], [s], eviction)[0] for p, s in zip(prompts, sampling)]
+    assert [c.kv_cache for c in batch] == [c.kv_cache for c in alone]
+
+
+def test_h2o_sink_with_fewer_heavy_slots_than_sinks_drops_what_it_masks(mha, tokenizer):
+    prompt = random_prompts([64, 101, 47], seed=70)[2]
+    policy = make_policy("h2o-sink", 0.05, 0.1, sink_size=8)  # heavy 2 < 8 sinks
+    runs = [generate(mha, tokenizer, [prompt], [GREEDY], Eviction(policy, mode))[0].token_ids for mode in ("mask", "drop")]
+    assert runs[0] == runs[1]

@@ -114,3 +114,12 @@ def test_h2o_sink_keeps_the_first_tokens_whatever_their_score_then_the_top_score
     assert _kept(chosen) == [0, 1, 3, 8, 9]  # sinks 0 and 1, then the best score; 7 is parked
     plain = _select_with(make_policy("h2o", 0.1, 0.3), scores, n_tokens=10, budget=Budget(heavy=3, recent=3))
     assert _kept(plain) == [2, 3, 5, 8, 9]  # H2O alone lets the low-scored sinks go
+
+
+def test_h2o_sink_keeps_the_earliest_sinks_when_the_heavy_budget_holds_fewer():
+    # Heavy 2 < sink_size 4: sinks 0 and 1, whatever the scores (not a tie broken at random).
+    policy = make_policy("h2o-sink", 0.1, 0.3, sink_size=4)
+    scores = [0.0, 0.0, 5.0, 9.0, 1.0, 7.0, 0.0, 0.0, 0.0, 0.0]
+    for order in (scores, [0.0, 1.0, 2.0, 3.0] + scores[4:]):
+        chosen = _select_with(policy, order, n_tokens=10, budget=Budget(heavy=2, recent=3))
+        assert _kept(chosen) == [0, 1, 8, 9]

@@ -144,3 +144,27 @@ def test_an_output_of_other_requests_is_never_overwritten(model_dir, tmp_path, c
     other = _requests(tmp_path / "other.jsonl", lengths=[30, 31])
     assert f"{out}:1: holds a result for a request not at this place" in _error(capsys, model_dir, other, out)
     assert out.read_text() == before
+
+
+def test_a_prompt_of_no_tokens_is_refused_before_the_weights_load(model_dir, tmp_path, capsys):
+    inp = _requests(tmp_path / "in.jsonl", n=2)
+    with open(inp, "a") as f:
+        f.write(json.dumps({"request": {"prompt": "", "temperature": 0, "max_tokens": 4}}) + "\n")
+    assert f"{inp}:3: the prompt encodes to no tokens" in _error(capsys, model_dir, inp, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_text_longer_than_a_sliding_window_is_refused(tmp_path, capsys):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from conftest import VOCAB, tiny_tokenizer
+
+    folder = tmp_path / "mistral"
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           sliding_window=40, eos_token_id=1, pad_token_id=0, bos_token_id=0)
+    MistralForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    inp = _requests(tmp_path / "in.jsonl", lengths=[20, 60])
+    error = _error(capsys, folder, inp, tmp_path / "out.jsonl", "--model_arch", "mistral")
+    assert f"{inp}:2: prompt of 60 tokens + max_tokens 12 exceeds the model's sliding attention window of 40" in error

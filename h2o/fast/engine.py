@@ -254,13 +254,14 @@ class FastEngine:
         per_token = kv_bytes_per_token(self.model)
         n, budget = len(request.prompt), request.budget
         layers = self.model.config.num_hidden_layers
+        full = (n + max(0, generated - 1)) * per_token
+        if self.policy is None:  # the tokens it holds, as the reference counts them
+            return {"engine": "fast", "policy": "full", "mode": "full", "prompt_tokens": n,
+                    "kv_bytes_peak": full, "kv_bytes_full": full}
         # The row's own slots in every layer, and the moment one layer holds its whole prompt.
         slots = budget.total + 1
-        sizes = {"prompt_tokens": n,
-                 "kv_bytes_peak": (slots * layers + max(0, n - slots)) * per_token // layers,
-                 "kv_bytes_full": (n + max(0, generated - 1)) * per_token}
-        if self.policy is None:
-            return {"engine": "fast", "policy": "full", "mode": "full", **sizes}
+        sizes = {"prompt_tokens": n, "kv_bytes_peak": (slots * layers + max(0, n - slots)) * per_token // layers,
+                 "kv_bytes_full": full}
         return {"engine": "fast", "policy": self.policy.name, "mode": "drop",
                 "heavy_ratio": self.policy.heavy_ratio, "recent_ratio": self.policy.recent_ratio,
                 "heavy_budget": budget.heavy, "recent_budget": budget.recent, **sizes}

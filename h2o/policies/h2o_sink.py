@@ -14,5 +14,8 @@ class H2OSink(WithSinks):
 
     def rank(self, scores: torch.Tensor, views: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # The sinks come out of the heavy budget and always win its top-k (empty slots, at -1,
-        # are never candidates).
-        return scores.masked_fill(positions < self.sink_size, float("inf"))
+        # are never candidates), the earliest first when the budget holds fewer than all of them.
+        # 2**24 is above any accumulated score (each query row adds at most one per query head)
+        # and still counts single positions exactly in float32.
+        sink_rank = 2.0**24 - positions.to(scores.dtype)
+        return torch.where(positions < self.sink_size, sink_rank, scores)
