@@ -116,7 +116,8 @@ def test_a_prompt_longer_than_the_context_is_refused(model_dir, tmp_path, capsys
     [
         (["--enable_small_cache", "--heavy_ratio", "1.5"], "--heavy_ratio must lie in [0, 1]"),
         (["--enable_small_cache", "--recent_ratio", "-0.2"], "--recent_ratio must lie in [0, 1]"),
-        (["--model_arch", "opt"], "--model_arch: unsupported architecture 'opt'"),
+        (["--model_arch", "bloom"], "unsupported architecture 'bloom'; supported: llama, mistral, qwen2, qwen3, opt, "
+                                    "gpt_neox"),
         (["--model_arch", "mistral"], "does not match the model's architecture 'llama'"),
         (["--batch_size", "0"], "--batch_size must be at least 1"),
     ],
