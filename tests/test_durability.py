@@ -234,3 +234,32 @@ def test_fuzzed_files_get_a_file_and_line_error_never_a_traceback(tmp_path):
             load(path)
         except ResultsError as error:
             assert "\n" not in str(error)
+
+
+def test_our_run_killed_in_helm_run_is_redone_never_summarized_half_done(tmp_path):
+    sys.path.insert(0, str(ROOT / "helm"))
+    from lab_helm import testing
+
+    if testing.net_cut() is None:
+        pytest.skip("cannot cut the network (unshare -n)")
+    rows = [(r, testing.fake_result(testing.lead(a["document"]))) for r, a in zip(testing.requests(3), testing.articles(3))]
+    results_file = testing.write_results(tmp_path / "lead.jsonl", rows)
+    out = tmp_path / "benchmark_output"
+    command, env = testing.our_run_command(output_path=out, env={"jsonl": str(results_file)})
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    log = out / "logs" / "lead.helm-run.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and log.stat().st_size > 0):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # helm-run and all, mid-run
+    process.wait()
+    assert not (out / "runs" / "lead" / "runs.json").exists()  # never summarized
+    done = testing.our_run(env={"jsonl": str(results_file)}, output_path=out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    predictions = [text for _, result in rows for text in [result["choices"][0]["text"]]]
+    references = [a["summary"] for a in testing.articles(3)]
+    assert testing.stat_mean(out, "lead", "rouge_2") == pytest.approx(
+        testing.expected_rouge(predictions, references, "rouge2"), abs=1e-12)
+    assert (out / "runs" / "lead" / "runs.json").exists()

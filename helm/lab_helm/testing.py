@@ -72,14 +72,20 @@ def net_cut() -> tuple[str, ...] | None:
     return None
 
 
-def our_run(*args: str, output_path: Path, cut: bool = True, env: dict | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+def our_run_command(*args: str, output_path: Path, cut: bool = True,
+                    env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of our_run.sh with these knobs (network cut by default)."""
     prefix = list(net_cut() or ()) if cut else []
     knobs = ("jsonl", "task", "model_arch", "output_name", "max_eval_instances", "output_path")
     environment = {k: v for k, v in os.environ.items() if k not in knobs}
     environment.update({"output_path": str(output_path), **(env or {})})
-    return subprocess.run([*prefix, str(HELM_DIR / "our_run.sh"), *args], env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    return [*prefix, str(HELM_DIR / "our_run.sh"), *args], environment
+
+
+def our_run(*args: str, output_path: Path, cut: bool = True, env: dict | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    command, environment = our_run_command(*args, output_path=output_path, cut=cut, env=env)
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def run_dir(output_path: Path, suite: str) -> Path:
