@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_helm.py: error: {error}", file=sys.stderr)
         return 2
     except (results.WriteError, results.Interrupted) as error:
-        what = f"interrupted ({error})" if isinstance(error, results.Interrupted) else f"error: {error}"
+        what = f"interrupted ({error})" if isinstance(error, results.Interrupted) else f"error: {error.strerror}"
         saved = f"; {_saved(output_writer or writer)}" if (output_writer or writer) else ""
         print(f"run_helm.py: {what}{saved}; rerun the same command to resume", file=sys.stderr)
         return 128 + error.signum if isinstance(error, results.Interrupted) else 1
