@@ -209,3 +209,45 @@ def test_a_rerun_skips_every_finished_point(swept, monkeypatch, capsys):
     assert lines == [f"[{i}/3] {name}: done" for i, name in enumerate(["full", "h2o-20", "local-20"], start=1)]
     assert {p.name: p.read_bytes() for p in (report / "points").glob("*.json")} == before
     assert {p.name: p.read_bytes() for p in (report / "results").glob("*.jsonl")} == results
+
+
+def test_a_point_killed_before_its_record_is_redone_and_never_reported_half_done(swept, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from h2o import sweep
+
+    argv = [*swept["argv"][:-1], str(tmp_path / "reports")]  # the same sweep, another report folder
+    output = tmp_path / "benchmark_output"
+    script = ("import sys; from pathlib import Path; from h2o import sweep; "
+              f"sweep.BENCHMARK_OUTPUT = Path({str(output)!r}); sys.exit(sweep.main({argv!r}))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "output_path": str(output),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "helm"), str(ROOT / "tests")])}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    report = tmp_path / "reports" / swept["report"].name
+    results = report / "results" / "h2o-20.jsonl"
+    deadline = time.monotonic() + 300
+    # Killed once h2o-20's summaries exist, while HELM scores them: before its record is written.
+    while not (results.exists() and results.read_bytes().count(b"\n") == N):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (report / "points" / "h2o-20.json").exists()
+    assert "h2o" not in (report / "results.csv").read_text()  # only finished points are reported
+    patch = pytest.MonkeyPatch()
+    patch.setenv("output_path", str(output))
+    patch.setattr(sweep, "BENCHMARK_OUTPUT", output)
+    try:
+        assert sweep.main(argv) == 0
+    finally:
+        patch.undo()
+    for name in NAMES:
+        resumed, whole = _point(report, name), _point(swept["report"], name)
+        for key in ("per_article", "kv_bytes_peak", "kv_bytes_full", "rouge_2"):
+            assert resumed[key] == whole[key], (name, key)
+        if name != "full":
+            assert resumed["kl_per_article"] == pytest.approx(whole["kl_per_article"], rel=1e-6)
