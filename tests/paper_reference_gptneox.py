@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from paper_reference_opt import greedy
+
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
 
@@ -186,11 +188,4 @@ def paper_greedy_gptneox(model, prompt: list[int], new_tokens: int, heavy_ratio:
                          recent_ratio: float | None) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens of the paper's simulation for one prompt, and the logits each was chosen
     from; ratios None: the full cache (no H2O state at all)."""
-    paper = NeoXPaperModel(model, heavy_ratio, recent_ratio)
-    tokens, logits, ids = [], [], prompt
-    for _ in range(new_tokens):
-        out = paper.forward(ids)
-        logits.append(out)
-        tokens.append(int(out.argmax()))
-        ids = tokens[-1:]
-    return tokens, logits
+    return greedy(NeoXPaperModel(model, heavy_ratio, recent_ratio).forward, prompt, new_tokens)

@@ -153,10 +153,15 @@ def paper_greedy_opt(model, prompt: list[int], new_tokens: int, heavy_ratio: flo
                      recent_ratio: float | None) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens of the paper's simulation for one prompt, and the logits each was chosen
     from; ratios None: the full cache (no H2O state at all)."""
-    paper = OPTPaperModel(model, heavy_ratio, recent_ratio)
+    return greedy(OPTPaperModel(model, heavy_ratio, recent_ratio).forward, prompt, new_tokens)
+
+
+def greedy(forward, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with a restatement's `forward(new ids) -> next-token logits` (it keeps its
+    own cache): the tokens, and the logits each was chosen from."""
     tokens, logits, ids = [], [], prompt
     for _ in range(new_tokens):
-        out = paper.forward(ids)
+        out = forward(ids)
         logits.append(out)
         tokens.append(int(out.argmax()))
         ids = tokens[-1:]
