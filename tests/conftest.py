@@ -73,3 +73,19 @@ def save_tiny_model(folder: Path, context: int = 256) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def fast_caches(monkeypatch) -> list:
+    """Every FastCache made during the test, in order (to look at its slots afterwards)."""
+    from h2o.fast import FastCache
+
+    made = []
+    init = FastCache.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(FastCache, "__init__", spy)
+    return made

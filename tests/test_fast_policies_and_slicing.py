@@ -9,7 +9,7 @@ import torch
 from conftest import random_prompts
 from h2o import attention
 from h2o.cache import EvictingCache
-from h2o.fast import FastCache, generate_fast
+from h2o.fast import generate_fast
 from h2o.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 from h2o_oracle import eos_ids
@@ -38,21 +38,14 @@ POLICIES = [("tova", (0.1, 0.1), {}), ("tova", (0.0, 0.3), {}), ("tova", (0.02, 
 
 @pytest.mark.parametrize("name, ratios, options", POLICIES)
 @pytest.mark.parametrize("model_name", ["mha", "gqa"])
-def test_fast_tova_and_h2o_sink_give_the_reference_drop_tokens(request, tokenizer, monkeypatch, model_name, name,
+def test_fast_tova_and_h2o_sink_give_the_reference_drop_tokens(request, tokenizer, fast_caches, model_name, name,
                                                                ratios, options):
     model = request.getfixturevalue(model_name)
     prompts = random_prompts([64, 101, 47], seed=70)
     policy = make_policy(name, *ratios, **options)
     expected = _reference(model, tokenizer, prompts, policy)
     assert sum(len(t) for t in expected) >= 2 * NEW_TOKENS
-    made = []
-    init = FastCache.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(FastCache, "__init__", spy)
+    made = fast_caches
     assert _fast(model, tokenizer, prompts, policy, prefill_rows=2) == expected
     # After the last step, every layer and KV head holds the window less the coming token, the
     # heavy hitters, and (h2o-sink) the parked token: heavy + recent, or for TOVA heavy + recent - 1.

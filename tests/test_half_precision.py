@@ -72,18 +72,9 @@ def test_scores_accumulate_in_float32(models, model_name):
 
 
 @pytest.mark.parametrize("model_name", ["mha", "gqa"])
-def test_the_fast_paths_scores_accumulate_in_float32(models, model_name, monkeypatch):
-    from h2o.fast import FastCache
-
+def test_the_fast_paths_scores_accumulate_in_float32(models, model_name, fast_caches):
     model = models[model_name]
-    made = []
-    init = FastCache.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(FastCache, "__init__", spy)
+    made = fast_caches
     n = 300
     prompt = random_prompts([n], seed=51)[0]
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
