@@ -121,13 +121,27 @@ def attention_window(config: PretrainedConfig) -> int | None:
     return int(window)
 
 
+def check_tensor_parallel(config: PretrainedConfig, ranks: int) -> None:
+    """A model can be sharded over `ranks` by transformers' own plan, a KV head per rank at least."""
+    if not getattr(config, "base_model_tp_plan", None):
+        raise ValueError(f"--tensor_parallel: transformers has no tensor-parallel plan for {config.model_type}")
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % ranks or kv_heads % ranks:
+        raise ValueError(f"--tensor_parallel: {heads} query and {kv_heads} KV heads do not split over {ranks} ranks")
+
+
 def load_model(
-    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32", device_map: str | None = None
+    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32", device_map: str | None = None,
+    tensor_parallel: bool = False,
 ) -> PreTrainedModel:
-    """The weights, in eval mode on `device`, or spread by accelerate's `device_map`."""
+    """The weights, in eval mode on `device`, spread by accelerate's `device_map`, or sharded over
+    the torchrun ranks by transformers' tensor-parallel plan."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     where, kwargs = _sources(name)
+    if tensor_parallel:
+        return AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], tp_plan="auto", **kwargs).eval()
     if device_map:
         return AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], device_map=device_map, **kwargs).eval()
     model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)

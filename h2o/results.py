@@ -142,6 +142,24 @@ def unfinished(output: str | Path, requests: list[Request]) -> list[int]:
     return [i for i in range(done, len(requests)) if i not in pending]
 
 
+class Discard:
+    """A writer that keeps nothing, for a rank whose results rank 0 writes (tensor parallel)."""
+
+    def __init__(self, requests: list[Request], todo: list[int]) -> None:
+        self.requests, self._todo = requests, todo
+        self.pending: dict[int, dict] = {}
+        self.done = 0
+
+    def todo(self) -> list[int]:
+        return self._todo
+
+    def add(self, index: int, record: dict) -> None:
+        self.pending[index] = record
+
+    def close(self) -> None:
+        pass
+
+
 class ResultsWriter:
     """The results of `requests` (all of this output's, in input order), as they come, in any order."""
 

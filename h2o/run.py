@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
                    help="sequences decoded at once (the fast engine refills a row as soon as it ends)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=sorted(models.DTYPES), default="float32")
+    p.add_argument("--tensor_parallel", action="store_true",
+                   help="under torchrun: shard the model over the ranks by transformers' tensor-parallel plan; "
+                        "each rank holds the cache of its own KV heads")
     p.add_argument("--device_map", default=None,
                    help="accelerate's placement across devices, e.g. auto (a model too large for one GPU)")
     p.add_argument("--chat_template", choices=CHAT_TEMPLATE, default="auto",
@@ -72,6 +75,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--sample_num must be at least 1, got {args.sample_num}")
     if args.k < 0:
         raise ValueError(f"--k must be >= 0, got {args.k}")
+    if args.tensor_parallel and args.device_map:
+        raise ValueError("--tensor_parallel and --device_map each place the model: give one")
+    if args.tensor_parallel and distributed.Ranks.from_env().world < 2:
+        raise ValueError("--tensor_parallel: start run_helm.py with torchrun --nproc_per_node N (N >= 2)")
 
 
 def choose_engine(args: argparse.Namespace, policy: Policy | None) -> tuple[str, str]:
@@ -138,17 +145,21 @@ def main(argv: list[str] | None = None) -> int:
             if len(todo) < len(requests):
                 log.info("resuming: %d of %d requests already answered in %s", len(requests) - len(todo),
                          len(requests), args.output_path)
-            if ranks.parallel:
+            if ranks.parallel and not args.tensor_parallel:
                 mine = ranks.share(todo)
                 writer = results.ResultsWriter(ranks.part(args.output_path), [requests[i] for i in mine])
+            elif ranks.rank != 0:  # tensor parallel: every rank serves every request, rank 0 writes
+                writer = results.Discard(requests, todo)
             engine, why = choose_engine(args, policy)
             tokenizer, config = models.load_tokenizer(args.model_name, args.model_arch)
+            if args.tensor_parallel:
+                models.check_tensor_parallel(config, ranks.world)
             encoded = encode_all(args, tokenizer, config, [(i, writer.requests[i]) for i in writer.todo()])
             log.info("engine: %s (%s)", engine, why)
             torch.manual_seed(args.seed)
             loading = time.perf_counter()
             model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype,
-                                      args.device_map)
+                                      args.device_map, tensor_parallel=args.tensor_parallel)
             loaded = time.perf_counter() - loading
             served = run(args, model, tokenizer, encoded, policy, writer, engine)
             log.info("generated %d tokens in %.2f s: %.1f tok/s (model load %.2f s apart)",
@@ -157,14 +168,15 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("fast engine: prefill %.2f s, decode %.2f s", served.engine_stats["prefill_s"],
                          served.engine_stats["decode_s"])
             distributed.barrier(ranks)
-            if ranks.parallel and ranks.rank == 0:
+            if ranks.parallel and ranks.rank == 0 and not args.tensor_parallel:
                 distributed.merge(output_writer, todo, ranks)
     except (ValueError, FileNotFoundError) as error:
         print(f"run_helm.py: error: {error}", file=sys.stderr)
         return 2
     except (results.WriteError, results.Interrupted) as error:
         what = f"interrupted ({error})" if isinstance(error, results.Interrupted) else f"error: {error.strerror}"
-        saved = f"; {_saved(output_writer or writer)}" if (output_writer or writer) else ""
+        kept = output_writer or writer
+        saved = f"; {_saved(kept)}" if isinstance(kept, results.ResultsWriter) else ""
         print(f"run_helm.py: {what}{saved}; rerun the same command to resume", file=sys.stderr)
         return 128 + error.signum if isinstance(error, results.Interrupted) else 1
     finally:
@@ -267,7 +279,8 @@ def _serve(args, model, tokenizer, encoded: list[Encoded], policy: Policy | None
     ]
     prompts = [e.ids for e in encoded]
     if engine == "fast":
-        fast = FastEngine(model, tokenizer, policy, batch)
+        # Under tensor parallel the step holds collectives: no CUDA graph until one is measured there.
+        fast = FastEngine(model, tokenizer, policy, batch, cuda_graph=False if args.tensor_parallel else None)
         try:
             fast.run(prompts, sampling, lambda i, done: keep(encoded[i], done, done.seconds, batch))
         finally:

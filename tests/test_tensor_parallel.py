@@ -1,0 +1,88 @@
+"""Tensor parallel on the CPU: two gloo ranks under torchrun, the model sharded by transformers'
+own plan, give what one process gives; each rank holds the cache of its own KV heads."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from transformers import LlamaConfig, OPTConfig
+
+from conftest import ROOT, random_prompts
+from h2o import models
+from h2o.run import main
+
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+FLAGS = {"h2o": ["--enable_small_cache"], "local": ["--enable_small_cache", "--heavy_ratio", "0"], "full": []}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp") / "in.jsonl"
+    with open(path, "w") as f:
+        for prompt in random_prompts([40, 70, 25, 90, 55], seed=3):
+            request = {"prompt": " ".join(f"w{t - 2}" for t in prompt), "temperature": 0.5, "max_tokens": 10,
+                       "stop": [], "top_p": 1, "n": 1}
+            f.write(json.dumps({"request": request}) + "\n")
+    return path
+
+
+def _torchrun(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    # --standalone: a free port each time, so runs never meet.
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _texts(path):
+    return [json.loads(line)["result"]["choices"][0]["text"] for line in open(path)]
+
+
+@needs_torchrun
+@pytest.mark.parametrize("engine, policy", [("fast", "h2o"), ("fast", "local"), ("fast", "full"), ("reference", "h2o")])
+def test_two_ranks_give_the_single_process_results(tiny_model_dir, inputs, tmp_path, engine, policy):
+    common = ["--input_path", str(inputs), "--model_name", str(tiny_model_dir), "--no_cuda", "--batch_size", "2",
+              "--engine", engine, *FLAGS[policy]]
+    assert main([*common, "--output_path", str(tmp_path / "single.jsonl")]) == 0
+    done = _torchrun(str(ROOT / "run_helm.py"), *common, "--output_path", str(tmp_path / "tp.jsonl"),
+                     "--tensor_parallel")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _texts(tmp_path / "tp.jsonl") == _texts(tmp_path / "single.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["single.jsonl", "tp.jsonl"]  # no parts, no locks
+
+
+@needs_torchrun
+def test_each_rank_holds_the_cache_of_its_own_kv_heads(tiny_model_dir, tmp_path):
+    script = tmp_path / "shapes.py"
+    script.write_text(
+        "import torch.distributed as dist\n"
+        "from conftest import random_prompts, tiny_tokenizer\n"
+        "from h2o import models\nfrom h2o.fast.engine import FastEngine\nfrom h2o.sampling import Sampling\n"
+        "from h2o.policies import make_policy\n"
+        "dist.init_process_group('gloo')\n"
+        f"model = models.load_model({str(tiny_model_dir)!r}, tensor_parallel=True)\n"
+        "engine = FastEngine(model, tiny_tokenizer(), make_policy('h2o', 0.1, 0.1), 2)\n"
+        "engine.run(random_prompts([40, 60]), [Sampling(max_new_tokens=4)] * 2)\n"
+        f"open({str(tmp_path)!r} + f'/heads{{dist.get_rank()}}', 'w').write(str(engine.cache.layers[0].keys.shape[1]))\n"
+    )
+    done = _torchrun(str(script))
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 2 KV heads over 2 ranks: one each.
+    assert [(tmp_path / f"heads{rank}").read_text() for rank in (0, 1)] == ["1", "1"]
+
+
+def test_tensor_parallel_is_refused_where_it_cannot_run(tiny_model_dir, tmp_path, capsys):
+    common = ["--input_path", str(ROOT / "data" / "xsum.jsonl"), "--output_path", str(tmp_path / "o.jsonl"),
+              "--model_name", str(tiny_model_dir), "--tensor_parallel"]
+    assert main(common) == 2
+    assert "--tensor_parallel: start run_helm.py with torchrun --nproc_per_node N" in capsys.readouterr().err
+    assert main([*common, "--device_map", "auto"]) == 2
+    assert "--tensor_parallel and --device_map each place the model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no tensor-parallel plan for opt"):
+        models.check_tensor_parallel(OPTConfig(), 2)
+    with pytest.raises(ValueError, match="9 query and 3 KV heads do not split over 2 ranks"):
+        models.check_tensor_parallel(LlamaConfig(num_attention_heads=9, num_key_value_heads=3, hidden_size=576), 2)
+    models.check_tensor_parallel(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, hidden_size=64), 2)
