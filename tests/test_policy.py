@@ -123,3 +123,18 @@ def test_h2o_sink_keeps_the_earliest_sinks_when_the_heavy_budget_holds_fewer():
     for order in (scores, [0.0, 1.0, 2.0, 3.0] + scores[4:]):
         chosen = _select_with(policy, order, n_tokens=10, budget=Budget(heavy=2, recent=3))
         assert _kept(chosen) == [0, 1, 8, 9]
+
+
+def test_knorm_keeps_the_keys_of_lowest_norm_and_the_window():
+    from h2o.policies import Observation
+
+    policy = make_policy("knorm", 0.2, 0.2)
+    norms = torch.tensor([[[3.0, 0.5, 2.0, 0.1, 4.0, 1.0, 9.0, 9.0, 9.0, 9.0]]])
+    seen = torch.ones_like(norms)
+    seen[..., 1] = 0  # evicted in mask mode: no query sees it, it never comes back
+    scores = policy.accumulate(torch.zeros_like(norms), Observation(received=seen, newest=seen, seen=seen,
+                                                                    key_norms=norms))
+    assert torch.equal(scores, torch.where(seen > 0, 1 / (1 + norms), 0.0))  # no attention in it
+    chosen = _select_with(policy, scores[0, 0].tolist(), n_tokens=10, budget=policy.budget(10))
+    assert policy.budget(10) == Budget(heavy=2, recent=2)
+    assert _kept(chosen) == [3, 5, 9]  # the two smallest norms seen, then the window

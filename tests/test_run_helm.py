@@ -169,3 +169,13 @@ def test_a_text_longer_than_a_sliding_window_is_refused(tmp_path, capsys):
     inp = _requests(tmp_path / "in.jsonl", lengths=[20, 60])
     error = _error(capsys, folder, inp, tmp_path / "out.jsonl", "--model_arch", "mistral")
     assert f"{inp}:2: prompt of 60 tokens + max_tokens 12 exceeds the model's sliding attention window of 40" in error
+
+
+def test_every_registered_policy_runs_through_run_helm(model_dir, tmp_path):
+    from h2o.policies import POLICIES
+
+    inp = _requests(tmp_path / "in.jsonl", n=2)
+    for name in sorted(POLICIES):
+        out = tmp_path / f"{name}.jsonl"
+        assert _run(model_dir, inp, out, "--enable_small_cache", "--policy", name) == 0
+        assert {line["result"]["kv_cache"]["policy"] for line in _lines(out)} == {name}

@@ -4,10 +4,11 @@ from h2o.policies.base import Budget, Observation, Policy, Selection, WithSinks
 from h2o.policies.h2o import H2O
 from h2o.policies.h2o_avg import H2OAverage
 from h2o.policies.h2o_sink import H2OSink
+from h2o.policies.knorm import KNorm
 from h2o.policies.sink import Sink
 from h2o.policies.tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, H2OAverage, H2OSink, Sink, TOVA)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, H2OAverage, H2OSink, KNorm, Sink, TOVA)}
 
 
 def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: object) -> Policy:

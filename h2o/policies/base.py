@@ -43,6 +43,7 @@ class Observation:
     received: torch.Tensor  # probability mass, summed over query rows and the heads sharing the KV head
     newest: torch.Tensor  # the same from the newest query row alone
     seen: torch.Tensor  # how many (query row, query head) pairs could attend to the slot
+    key_norms: torch.Tensor | None = None  # L2 norm of each slot's key (float32)
 
 
 class Policy(ABC):
