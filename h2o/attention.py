@@ -99,7 +99,11 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
     alpha = _fused_alpha(module, scaling, d)
 
     rows = max(1, min(q_len, MAX_SCORE_ELEMENTS // max(1, b * hq * s)))
-    received = torch.zeros(b, hkv, 1, s, dtype=torch.float32, device=query.device)
+    # A policy that scores the prompt by its last queries alone (SnapKV) gets their votes apart.
+    window = getattr(cache.policy, "window_rows", 0) if q_len > 1 else 0
+    votes = 2 if window else 1
+    last = positions.masked_fill(~row_valid, -1).max(-1, keepdim=True).values
+    received = torch.zeros(b, hkv, votes, s, dtype=torch.float32, device=query.device)
     outputs = []
     for start in range(0, q_len, rows):
         stop = min(q_len, start + rows)
@@ -119,13 +123,17 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
             out = out.view(b, hq, stop - start, d)
         outputs.append(out)
         # Padded query rows attend to garbage and must not vote: a weighted sum over the rows.
-        weights = row_valid[:, start:stop].float().repeat(1, groups)[:, None, None].expand(b, hkv, 1, -1)
+        voters = [row_valid[:, start:stop]]
+        if window:
+            voters.append(voters[0] & (positions[:, start:stop] > last - window))
+        weights = torch.stack(voters, 1).float().repeat(1, 1, groups)[:, None].expand(b, hkv, votes, -1)
         received += torch.matmul(weights, probs.view(b, hkv, groups * (stop - start), s))
     # Left padding puts every sequence's newest token in the last row.
     newest = probs[:, :, :, -1].sum(dim=2)
     seen = _seen(slot_positions, active, positions, row_valid, groups)
     key_norms = key.float().norm(dim=-1)
-    layer.observe(Observation(received=received[:, :, 0], newest=newest, seen=seen, key_norms=key_norms))
+    layer.observe(Observation(received=received[:, :, 0], newest=newest, seen=seen, key_norms=key_norms,
+                              window=received[:, :, 1] if window else None))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 

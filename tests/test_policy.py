@@ -138,3 +138,39 @@ def test_knorm_keeps_the_keys_of_lowest_norm_and_the_window():
     chosen = _select_with(policy, scores[0, 0].tolist(), n_tokens=10, budget=policy.budget(10))
     assert policy.budget(10) == Budget(heavy=2, recent=2)
     assert _kept(chosen) == [3, 5, 9]  # the two smallest norms seen, then the window
+
+
+def test_snapkv_keeps_the_prompt_tokens_its_last_queries_attend_to_pooled(gqa):
+    """The first eviction against transformers' own attention: the last 32 prompt queries' mass,
+    summed over the query heads of each KV head, max-pooled over 7 neighbours, top heavy among the
+    tokens before the window."""
+    import torch.nn.functional as F
+
+    from conftest import random_prompts
+    from h2o.cache import EvictingCache
+    from h2o.generation import Decoder, Eviction
+
+    prompt = random_prompts([120], seed=33)[0]
+    policy = make_policy("snapkv", 0.1, 0.1)
+    decoder = Decoder(gqa, [prompt], Eviction(policy, "drop"))
+    decoder.prefill()
+    gqa.set_attn_implementation("eager")
+    with torch.inference_mode():
+        attentions = gqa(input_ids=torch.tensor([prompt]), output_attentions=True).attentions
+    groups = gqa.config.num_attention_heads // gqa.config.num_key_value_heads
+    n, budget = len(prompt), policy.budget(len(prompt))
+    assert isinstance(decoder.cache, EvictingCache)
+    for layer, attention in enumerate(attentions):
+        mass = attention[0, :, n - SnapKVRows:, :].sum(1).view(-1, groups, n).sum(1)
+        pooled = F.max_pool1d(mass[:, None], 7, stride=1, padding=3)[:, 0]
+        candidates = n + 1 - budget.recent  # positions before the window
+        # Pooling makes plateaus of equal scores: the later token wins a tie.
+        expected = [sorted(sorted(range(candidates), key=lambda p: (-float(pooled[h, p]), -p))[: budget.heavy]
+                           + list(range(candidates, n)))
+                    for h in range(gqa.config.num_key_value_heads)]
+        kept = decoder.cache.layers[layer]
+        got = [sorted(kept.positions[0, h][kept.active[0, h]].tolist()) for h in range(gqa.config.num_key_value_heads)]
+        assert got == expected, layer
+
+
+SnapKVRows = 32

@@ -44,6 +44,9 @@ class Observation:
     newest: torch.Tensor  # the same from the newest query row alone
     seen: torch.Tensor  # how many (query row, query head) pairs could attend to the slot
     key_norms: torch.Tensor | None = None  # L2 norm of each slot's key (float32)
+    # A prompt pass only, for a policy with `window_rows`: the mass from the last window_rows
+    # query rows of each sequence alone.
+    window: torch.Tensor | None = None
 
 
 class Policy(ABC):
@@ -130,6 +133,14 @@ class Policy(ABC):
         active = torch.where(over_budget, window | chosen, present)
         retained = torch.where(over_budget, active | leaving, present)
         return Selection(active=active, retained=retained)
+
+
+def later_wins_ties(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`scores` as a ranking where exactly equal scores go to the later token, whatever the
+    slots' order (so that drop, mask and both engines choose alike). The nudge, 1e-15 a position
+    in float64 (a few float64 steps at any score up to a few), is far below float32's steps
+    between two different scores."""
+    return scores.double() + positions.double() * 1e-15
 
 
 class WithSinks(Policy):

@@ -2,7 +2,7 @@
 
 import torch
 
-from h2o.policies.base import Observation, Policy
+from h2o.policies.base import Observation, Policy, later_wins_ties
 
 
 class KNorm(Policy):
@@ -19,8 +19,5 @@ class KNorm(Policy):
         return torch.where(observed.seen > 0, 1.0 / (1.0 + observed.key_norms), 0.0)
 
     def rank(self, scores: torch.Tensor, views: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # A token repeated has one key norm in the first layer (RoPE keeps norms): ties are
-        # common, so the later token wins them, whatever the slots' order. The nudge, 1e-15 a
-        # position in float64 (a few steps of float64 at any score <= 1), is far below float32's
-        # steps between two different scores.
-        return scores.double() + positions.double() * 1e-15
+        # A token repeated has one key norm in the first layer (RoPE keeps norms): ties are common.
+        return later_wins_ties(scores, positions)
