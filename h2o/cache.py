@@ -43,8 +43,10 @@ class EvictingCache(Cache):
         self.policy = policy
         self.mode = mode
         self.budgets = [policy.budget(n) for n in prompt_lengths]
-        self.heavy = torch.tensor([b.heavy for b in self.budgets], device=device)
-        self.recent = torch.tensor([b.recent for b in self.budgets], device=device)
+        # (layers, batch): each layer's heavy and recent budget per sequence.
+        per_layer = [policy.layer_budgets(b, num_layers) for b in self.budgets]
+        self.heavy = torch.tensor([[b[i].heavy for b in per_layer] for i in range(num_layers)], device=device)
+        self.recent = torch.tensor([[b[i].recent for b in per_layer] for i in range(num_layers)], device=device)
         batch = len(prompt_lengths)
         self.n_tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.query_positions = torch.zeros(batch, 0, dtype=torch.long, device=device)
@@ -123,7 +125,8 @@ class EvictingLayer(CacheLayerMixin):
         self.views = self.views + observed.seen
         here = self.device
         chosen = owner.policy.select(
-            scores, self.views, self.positions, owner.n_tokens.to(here), owner.heavy.to(here), owner.recent.to(here)
+            scores, self.views, self.positions, owner.n_tokens.to(here), owner.heavy[self.layer_idx].to(here),
+            owner.recent[self.layer_idx].to(here)
         )
         self.scores = scores * chosen.retained
         self.active = chosen.active

@@ -39,7 +39,7 @@ def test_same_tokens_as_the_reference_drop_path(request, tokenizer, model_name, 
     assert _fast(model, tokenizer, prompts[:1], policy) == expected[:1]
 
 
-@pytest.mark.parametrize("name", ["h2o-avg", "knorm", "sink", "snapkv"])
+@pytest.mark.parametrize("name", ["h2o-avg", "knorm", "pyramidkv", "sink", "snapkv"])
 def test_other_policies_that_keep_the_papers_selection(mha, tokenizer, name):
     prompts = random_prompts([64, 101], seed=5)
     policy = make_policy(name, 0.1, 0.1)

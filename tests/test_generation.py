@@ -42,7 +42,7 @@ def test_drop_mode_gives_mask_modes_tokens(request, tokenizer, model_name, ratio
         assert _tokens(model, tokenizer, [prompt], "drop", ratios) == _tokens(model, tokenizer, [prompt], "mask", ratios)
 
 
-@pytest.mark.parametrize("policy", ["h2o-avg", "h2o-sink", "knorm", "sink", "snapkv", "tova"])
+@pytest.mark.parametrize("policy", ["h2o-avg", "h2o-sink", "knorm", "pyramidkv", "sink", "snapkv", "tova"])
 def test_every_policy_drops_what_it_masks(mha, tokenizer, policy):
     prompts = random_prompts([64, 101], seed=5)
     runs = {}

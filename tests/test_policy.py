@@ -174,3 +174,26 @@ def test_snapkv_keeps_the_prompt_tokens_its_last_queries_attend_to_pooled(gqa):
 
 
 SnapKVRows = 32
+
+
+def test_pyramidkv_budgets_fall_by_layer_and_hold_h2os_bytes():
+    policy = make_policy("pyramidkv", 0.1, 0.1)
+    budget = policy.budget(400)
+    layers = policy.layer_budgets(budget, 30)
+    heavy = [b.heavy for b in layers]
+    assert sum(heavy) == 30 * budget.heavy and {b.recent for b in layers} == {budget.recent}
+    assert heavy == sorted(heavy, reverse=True) and heavy[0] > 1.9 * budget.heavy and heavy[-1] <= 3
+    assert policy.layer_budgets(Budget(heavy=0, recent=8), 30) == [Budget(0, 8)] * 30
+
+
+def test_pyramidkv_keeps_each_layers_own_budget(gqa, tokenizer):
+    from conftest import random_prompts
+    from h2o.generation import Decoder, Eviction
+
+    prompt = random_prompts([120], seed=34)[0]
+    policy = make_policy("pyramidkv", 0.1, 0.1)
+    decoder = Decoder(gqa, [prompt], Eviction(policy, "drop"))
+    decoder.prefill()
+    for layer, budget in zip(decoder.cache.layers, policy.layer_budgets(policy.budget(120), 2)):
+        # The window less the coming token's place, and the layer's own heavy hitters.
+        assert (layer.positions >= 0).sum(-1).tolist() == [[budget.heavy + budget.recent - 1] * 2]

@@ -62,13 +62,17 @@ class FastCache(Cache):
         # `budgets` overrides the policy's (the full cache: no heavy hitters, a window as long as
         # prompt + max_tokens).
         self.budgets = budgets if budgets is not None else [policy.budget(n) for n in prompt_lengths]
-        self.batch = len(self.budgets)
-        self.capacity = max(b.total for b in self.budgets) + 1
-        self.heavy = torch.tensor([b.heavy for b in self.budgets], device=device)
-        self.recent = torch.tensor([b.recent for b in self.budgets], device=device)
+        self.batch, self.num_layers = len(self.budgets), num_layers
+        # Each row's budget in each layer; (layers, batch) tensors of them.
+        self.layer_budgets = [policy.layer_budgets(b, num_layers) for b in self.budgets]
+        self.capacity = max(b.total for row in self.layer_budgets for b in row) + 1
+        self.heavy = torch.tensor([[row[i].heavy for row in self.layer_budgets] for i in range(num_layers)],
+                                  device=device)
+        self.recent = torch.tensor([[row[i].recent for row in self.layer_budgets] for i in range(num_layers)],
+                                   device=device)
         # No heavy hitters anywhere: scores are never read, so the kernels never compute them.
         # Rows that will be re-assigned later say so with `has_heavy`.
-        self.has_heavy = any(b.heavy > 0 for b in self.budgets) if has_heavy is None else has_heavy
+        self.has_heavy = bool(self.heavy.gt(0).any()) if has_heavy is None else has_heavy
         # `views` only matter to a policy whose ranking may read them.
         self.tracks_views = type(policy).rank is not Policy.rank
         # A policy that lets the leaving token compete at once may have two candidates too many
@@ -88,12 +92,16 @@ class FastCache(Cache):
     def assign(self, rows: list[int], budgets: list[Budget]) -> None:
         """Batch rows `rows` take new sequences with these budgets (their prompts come next, by
         `begin_prefill`); slots grow if a budget needs more."""
-        for row, budget in zip(rows, budgets):
-            self.budgets[row] = budget
+        layered = [self.policy.layer_budgets(b, self.num_layers) for b in budgets]
+        for row, budget, per_layer in zip(rows, budgets, layered):
+            self.budgets[row], self.layer_budgets[row] = budget, per_layer
         index = torch.tensor(rows, device=self.heavy.device)
-        self.heavy[index] = torch.tensor([b.heavy for b in budgets], device=self.heavy.device)
-        self.recent[index] = torch.tensor([b.recent for b in budgets], device=self.heavy.device)
-        self.reserve(max(b.total for b in budgets) + 1)
+        device = self.heavy.device
+        self.heavy[:, index] = torch.tensor([[b[i].heavy for b in layered] for i in range(self.num_layers)],
+                                            device=device)
+        self.recent[:, index] = torch.tensor([[b[i].recent for b in layered] for i in range(self.num_layers)],
+                                             device=device)
+        self.reserve(max(b.total for per_layer in layered for b in per_layer) + 1)
 
     def reserve(self, capacity: int) -> None:
         """At least `capacity` slots per (sequence, KV head); existing slots keep their place."""
@@ -111,10 +119,10 @@ class FastCache(Cache):
         knows it without reading `valid` back from the device)."""
         if isinstance(rows, list):
             contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-            self.max_heavy = max(self.budgets[r].heavy for r in rows)
+            self.max_heavy = max(b.heavy for r in rows for b in self.layer_budgets[r])
             rows = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=self.heavy.device)
         else:
-            self.max_heavy = max(b.heavy for b in self.budgets[rows])
+            self.max_heavy = max(b.heavy for per_layer in self.layer_budgets[rows] for b in per_layer)
         self.rows = rows
         self.query_positions = positions
         self.query_valid = valid
@@ -128,7 +136,7 @@ class FastCache(Cache):
         self.query_positions = positions
         self.query_valid = self._one_valid
         self.n_tokens.copy_(positions[:, -1] + 1)
-        torch.minimum(self.n_tokens, self.heavy + self.recent + 1, out=self.limits)
+        torch.minimum(self.n_tokens, (self.heavy + self.recent).amax(0) + 1, out=self.limits)
 
     def kv_bytes(self) -> int:
         """Bytes of the key and value slots of all layers."""
@@ -247,7 +255,8 @@ class FastLayer(CacheLayerMixin):
         del self.prompt
         views = views if views is not None else torch.zeros_like(scores)
         chosen = owner.policy.select(scores, views, positions, owner.n_tokens[rows],
-                                     owner.heavy[rows], owner.recent[rows], owner.max_heavy)
+                                     owner.heavy[self.layer_idx, rows], owner.recent[self.layer_idx, rows],
+                                     owner.max_heavy)
         width = min(positions.shape[-1], owner.capacity)
         order = torch.argsort((~chosen.retained).to(torch.uint8), dim=-1, stable=True)[..., :width]
         filled = torch.arange(width, device=key.device) < chosen.retained.sum(-1, keepdim=True)
@@ -270,8 +279,8 @@ class FastLayer(CacheLayerMixin):
         candidates while more than `heavy` remain (at most `evictions_per_step`)."""
         owner = self.owner
         t = owner.n_tokens.view(-1, 1, 1)
-        heavy = owner.heavy.view(-1, 1, 1)
-        recent = owner.recent.view(-1, 1, 1)
+        heavy = owner.heavy[self.layer_idx].view(-1, 1, 1)
+        recent = owner.recent[self.layer_idx].view(-1, 1, 1)
         positions = self.positions
         present = positions >= 0
         over = t > heavy + recent
@@ -306,7 +315,8 @@ class FastLayer(CacheLayerMixin):
         owner = self.owner
         return kernels.decode_step(
             query, self.keys, self.values, self.positions, self.active, self.scores,
-            owner.n_tokens, owner.heavy, owner.recent, scaling, owner.has_heavy, limits=owner.limits,
+            owner.n_tokens, owner.heavy[self.layer_idx], owner.recent[self.layer_idx], scaling, owner.has_heavy,
+            limits=owner.limits,
         )
 
     def get_seq_length(self) -> int:

@@ -5,11 +5,12 @@ from h2o.policies.h2o import H2O
 from h2o.policies.h2o_avg import H2OAverage
 from h2o.policies.h2o_sink import H2OSink
 from h2o.policies.knorm import KNorm
+from h2o.policies.pyramidkv import PyramidKV
 from h2o.policies.sink import Sink
 from h2o.policies.snapkv import SnapKV
 from h2o.policies.tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, H2OAverage, H2OSink, KNorm, Sink, SnapKV, TOVA)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, H2OAverage, H2OSink, KNorm, PyramidKV, Sink, SnapKV, TOVA)}
 
 
 def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: object) -> Policy:

@@ -80,6 +80,10 @@ class Policy(ABC):
             recent=max(1, int(self.recent_ratio * prompt_len)),
         )
 
+    def layer_budgets(self, budget: Budget, layers: int) -> list[Budget]:
+        """Each layer's share of a sequence's budget (the paper: the same in every layer)."""
+        return [budget] * layers
+
     def accumulate(self, scores: torch.Tensor, observed: Observation) -> torch.Tensor:
         """Running score after one forward pass (H2O: attention summed since the prefill)."""
         return scores + observed.received
