@@ -192,3 +192,14 @@ def test_both_engines_count_the_full_caches_bytes_alike(gqa, tokenizer):
         assert (a.kv_cache["kv_bytes_peak"], a.kv_cache["kv_bytes_full"]) == (
             b.kv_cache["kv_bytes_peak"], b.kv_cache["kv_bytes_full"])
         assert a.kv_cache["kv_bytes_peak"] == a.kv_cache["kv_bytes_full"]
+
+
+def test_a_policy_with_its_own_selection_runs_on_the_reference_engine(tiny_model_dir, tmp_path, capsys, caplog):
+    _requests(tmp_path / "in.jsonl", [40, 70])
+    common = ["--input_path", str(tmp_path / "in.jsonl"), "--model_name", str(tiny_model_dir), "--device", "cpu",
+              "--enable_small_cache", "--policy", "adakv"]
+    with caplog.at_level("INFO"):
+        assert run.main(common + ["--output_path", str(tmp_path / "out.jsonl")]) == 0
+    assert "engine: reference (policy adakv has its own selection rule)" in caplog.text
+    assert run.main(common + ["--output_path", str(tmp_path / "fast.jsonl"), "--engine", "fast"]) == 2
+    assert "--engine fast: policy adakv has its own selection rule" in capsys.readouterr().err

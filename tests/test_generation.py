@@ -184,3 +184,12 @@ def test_h2o_sink_with_fewer_heavy_slots_than_sinks_drops_what_it_masks(mha, tok
     policy = make_policy("h2o-sink", 0.05, 0.1, sink_size=8)  # heavy 2 < 8 sinks
     runs = [generate(mha, tokenizer, [prompt], [GREEDY], Eviction(policy, mode))[0].token_ids for mode in ("mask", "drop")]
     assert runs[0] == runs[1]
+
+
+def test_adakv_drops_what_it_masks_and_batches_alike(gqa, tokenizer):
+    prompts = random_prompts([64, 101], seed=5)
+    eviction = {mode: Eviction(make_policy("adakv", 0.1, 0.1), mode) for mode in ("mask", "drop")}
+    runs = {mode: [c.token_ids for c in generate(gqa, tokenizer, prompts, [GREEDY] * 2, e)] for mode, e in eviction.items()}
+    assert runs["drop"] == runs["mask"]
+    assert runs["drop"] == [generate(gqa, tokenizer, [p], [GREEDY], eviction["drop"])[0].token_ids for p in prompts]
+    assert runs["drop"] != _tokens(gqa, tokenizer, prompts)

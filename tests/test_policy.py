@@ -197,3 +197,21 @@ def test_pyramidkv_keeps_each_layers_own_budget(gqa, tokenizer):
     for layer, budget in zip(decoder.cache.layers, policy.layer_budgets(policy.budget(120), 2)):
         # The window less the coming token's place, and the layer's own heavy hitters.
         assert (layer.positions >= 0).sum(-1).tolist() == [[budget.heavy + budget.recent - 1] * 2]
+
+
+def test_adakv_gives_a_layers_heavy_budget_to_the_heads_whose_attention_needs_it():
+    policy = make_policy("adakv", 0.2, 0.2)
+    # Head 0 attends to many tokens, head 1 to one: heavy 4 a head is 8 for the layer, 0 a head
+    # kept first (alpha 0.2 of 4 rounds down), so head 0 takes 7 and head 1 its one token.
+    scores = torch.tensor([[[5.0, 6.0, 7.0, 8.0, 9.0, 4.0, 3.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                             0.0, 0.0, 0.0],
+                            [0.0, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                             0.0, 0.0, 0.0]]])
+    positions = torch.arange(20).expand(1, 2, 20)
+    chosen = policy.select(scores, torch.ones_like(scores), positions, torch.tensor([20]), torch.tensor([4]),
+                           torch.tensor([4]))
+    window = [17, 18, 19]
+    kept = [positions[0, h][chosen.active[0, h]].tolist() for h in range(2)]
+    assert kept[0] == [0, 1, 2, 3, 4, 5, 6] + window and kept[1] == [1] + window
+    assert sum(len(k) for k in kept) == 2 * (4 + 4 - 1)  # H2O's slots for the layer
+    assert torch.equal(chosen.retained, chosen.active)

@@ -1,5 +1,6 @@
 """Eviction policies by name. Adding one: a module with a `Policy` subclass and a line below."""
 
+from h2o.policies.adakv import AdaKV
 from h2o.policies.base import Budget, Observation, Policy, Selection, WithSinks
 from h2o.policies.h2o import H2O
 from h2o.policies.h2o_avg import H2OAverage
@@ -10,7 +11,7 @@ from h2o.policies.sink import Sink
 from h2o.policies.snapkv import SnapKV
 from h2o.policies.tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, H2OAverage, H2OSink, KNorm, PyramidKV, Sink, SnapKV, TOVA)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (AdaKV, H2O, H2OAverage, H2OSink, KNorm, PyramidKV, Sink, SnapKV, TOVA)}
 
 
 def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: object) -> Policy:
