@@ -131,7 +131,7 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
     # Left padding puts every sequence's newest token in the last row.
     newest = probs[:, :, :, -1].sum(dim=2)
     seen = _seen(slot_positions, active, positions, row_valid, groups)
-    key_norms = key.float().norm(dim=-1)
+    key_norms = key.float().norm(dim=-1) if getattr(cache.policy, "reads_key_norms", False) else None
     layer.observe(Observation(received=received[:, :, 0], newest=newest, seen=seen, key_norms=key_norms,
                               window=received[:, :, 1] if window else None))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)

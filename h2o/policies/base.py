@@ -43,7 +43,7 @@ class Observation:
     received: torch.Tensor  # probability mass, summed over query rows and the heads sharing the KV head
     newest: torch.Tensor  # the same from the newest query row alone
     seen: torch.Tensor  # how many (query row, query head) pairs could attend to the slot
-    key_norms: torch.Tensor | None = None  # L2 norm of each slot's key (float32)
+    key_norms: torch.Tensor | None = None  # L2 norm of each slot's key (float32), for `reads_key_norms`
     # A prompt pass only, for a policy with `window_rows`: the mass from the last window_rows
     # query rows of each sequence alone.
     window: torch.Tensor | None = None
@@ -60,6 +60,8 @@ class Policy(ABC):
     # The paper's code masks the token leaving the recent window for one step, then lets it
     # compete as a heavy hitter. Policies from other papers let it compete at once.
     parks_leaving_token: ClassVar[bool] = True
+    # Whether `accumulate` reads the keys' norms (the attention computes them only then).
+    reads_key_norms: ClassVar[bool] = False
 
     def __init__(self, heavy_ratio: float, recent_ratio: float) -> None:
         for flag, value in (("--heavy_ratio", heavy_ratio), ("--recent_ratio", recent_ratio)):

@@ -14,6 +14,7 @@ class KNorm(Policy):
 
     name = "knorm"
     parks_leaving_token = False
+    reads_key_norms = True
 
     def accumulate(self, scores: torch.Tensor, observed: Observation) -> torch.Tensor:
         return torch.where(observed.seen > 0, 1.0 / (1.0 + observed.key_norms), 0.0)
