@@ -83,19 +83,25 @@ def read_requests(path: str | Path) -> list[Request]:
     return requests
 
 
-def completed_count(output: str | Path, requests: list[Request]) -> int:
-    """How many requests the output already answers, in order. A torn last line (a run killed
-    mid-write) is cut off; a result for another request is an error, never overwritten."""
-    output = Path(output)
-    if not output.exists():
-        return 0
-    data = output.read_bytes()
+def whole_lines(path: Path) -> list[bytes]:
+    """The file's complete lines (none if it is absent); a torn last line (a run killed mid-write)
+    is cut off the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
     whole = data[: data.rfind(b"\n") + 1]
     if len(whole) != len(data):
-        with output.open("r+b") as handle:
+        with path.open("r+b") as handle:
             handle.truncate(len(whole))
+    return whole.split(b"\n")[:-1]
+
+
+def completed_count(output: str | Path, requests: list[Request]) -> int:
+    """How many requests the output already answers, in order. A torn last line is cut off; a
+    result for another request is an error, never overwritten."""
+    output = Path(output)
     done = 0
-    for number, raw in enumerate(whole.split(b"\n")[:-1], start=1):
+    for number, raw in enumerate(whole_lines(output), start=1):
         try:
             record = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from h2o.helm_io import InputError, Request, completed_count
+from h2o.helm_io import InputError, Request, completed_count, whole_lines
 
 
 class WriteError(OSError):
@@ -112,15 +112,8 @@ def _lock(output: Path) -> int:
 
 def _pending(path: Path, requests: list[Request], done: int) -> dict[int, dict]:
     """The pending file's results for requests after the first `done`; a torn last line is cut."""
-    if not path.exists():
-        return {}
-    data = path.read_bytes()
-    whole = data[: data.rfind(b"\n") + 1]
-    if len(whole) != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(len(whole))
     found = {}
-    for number, text in enumerate(whole.split(b"\n")[:-1], start=1):
+    for number, text in enumerate(whole_lines(path), start=1):
         try:
             entry = json.loads(text)
             index, record = entry["index"], entry["record"]
@@ -151,7 +144,7 @@ class Discard:
         self.done = 0
 
     def todo(self) -> list[int]:
-        return self._todo
+        return [i for i in self._todo if i not in self.pending]
 
     def add(self, index: int, record: dict) -> None:
         self.pending[index] = record
