@@ -259,8 +259,8 @@ def run(args, model, tokenizer, encoded: list[Encoded], policy: Policy | None, w
             except torch.OutOfMemoryError:
                 if batch == 1 or not halve_on_oom:
                     raise
-                finished = set(writer.pending) | set(range(writer.done))
-                left = [item for item in left if item.index not in finished]
+                unanswered = set(writer.todo())
+                left = [item for item in left if item.index in unanswered]
                 log.warning("out of memory at batch %d: going on at batch %d with the %d requests left",
                             batch, batch // 2, len(left))
                 batch //= 2
