@@ -21,10 +21,18 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from h2o.policies import Observation, Policy
+from h2o.policies import Budget, Observation, Policy
 
 KVMode = Literal["mask", "drop"]
 KV_MODES: tuple[str, ...] = ("mask", "drop")
+
+
+def layer_table(per_layer: list[list[Budget]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layers, sequences) heavy and recent budgets, from each sequence's list of layer budgets."""
+    layers = range(len(per_layer[0])) if per_layer else range(0)
+    heavy = torch.tensor([[b[i].heavy for b in per_layer] for i in layers], dtype=torch.long, device=device)
+    recent = torch.tensor([[b[i].recent for b in per_layer] for i in layers], dtype=torch.long, device=device)
+    return heavy, recent
 
 
 class EvictingCache(Cache):
@@ -44,9 +52,7 @@ class EvictingCache(Cache):
         self.mode = mode
         self.budgets = [policy.budget(n) for n in prompt_lengths]
         # (layers, batch): each layer's heavy and recent budget per sequence.
-        per_layer = [policy.layer_budgets(b, num_layers) for b in self.budgets]
-        self.heavy = torch.tensor([[b[i].heavy for b in per_layer] for i in range(num_layers)], device=device)
-        self.recent = torch.tensor([[b[i].recent for b in per_layer] for i in range(num_layers)], device=device)
+        self.heavy, self.recent = layer_table([policy.layer_budgets(b, num_layers) for b in self.budgets], device)
         batch = len(prompt_lengths)
         self.n_tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.query_positions = torch.zeros(batch, 0, dtype=torch.long, device=device)

@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from h2o.attention import attend
+from h2o.cache import layer_table
 from h2o.fast import kernels
 from h2o.policies import Budget, Observation, Policy
 
@@ -66,10 +67,7 @@ class FastCache(Cache):
         # Each row's budget in each layer; (layers, batch) tensors of them.
         self.layer_budgets = [policy.layer_budgets(b, num_layers) for b in self.budgets]
         self.capacity = max(b.total for row in self.layer_budgets for b in row) + 1
-        self.heavy = torch.tensor([[row[i].heavy for row in self.layer_budgets] for i in range(num_layers)],
-                                  device=device)
-        self.recent = torch.tensor([[row[i].recent for row in self.layer_budgets] for i in range(num_layers)],
-                                   device=device)
+        self.heavy, self.recent = layer_table(self.layer_budgets, device)
         # No heavy hitters anywhere: scores are never read, so the kernels never compute them.
         # Rows that will be re-assigned later say so with `has_heavy`.
         self.has_heavy = bool(self.heavy.gt(0).any()) if has_heavy is None else has_heavy
@@ -96,11 +94,7 @@ class FastCache(Cache):
         for row, budget, per_layer in zip(rows, budgets, layered):
             self.budgets[row], self.layer_budgets[row] = budget, per_layer
         index = torch.tensor(rows, device=self.heavy.device)
-        device = self.heavy.device
-        self.heavy[:, index] = torch.tensor([[b[i].heavy for b in layered] for i in range(self.num_layers)],
-                                            device=device)
-        self.recent[:, index] = torch.tensor([[b[i].recent for b in layered] for i in range(self.num_layers)],
-                                             device=device)
+        self.heavy[:, index], self.recent[:, index] = layer_table(layered, self.heavy.device)
         self.reserve(max(b.total for per_layer in layered for b in per_layer) + 1)
 
     def reserve(self, capacity: int) -> None:
