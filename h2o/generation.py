@@ -115,8 +115,7 @@ def generate(
     steps = max(s.max_new_tokens for s in sampling)
     for step in range(steps):
         choice = sampler.choose(logits, torch.full((len(prompts),), step, device=logits.device))
-        tokens, chosen = choice.tokens.tolist(), choice.logprobs.tolist()
-        top_values, top_ids = choice.top_logprobs.tolist(), choice.top_ids.tolist()
+        tokens, chosen, top_values, top_ids = choice.tolist()
         ended = [row for row, transcript in enumerate(transcripts) if transcript.reason is None
                  and transcript.add(tokens[row], chosen[row], top_values[row], top_ids[row])]
         if ended and eviction is not None:

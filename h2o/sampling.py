@@ -75,6 +75,13 @@ class Choice:
     top_logprobs: torch.Tensor
     top_ids: torch.Tensor
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.tokens, self.logprobs, self.top_logprobs, self.top_ids
+
+    def tolist(self) -> tuple[list, ...]:
+        """The four on the host, as nested lists (one copy each)."""
+        return tuple(t.tolist() for t in self.tensors())
+
 
 class Sampler:
     """The choice for a fixed set of rows, as tensors on `device`. Rows can be re-assigned to new

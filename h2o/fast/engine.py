@@ -174,8 +174,7 @@ class FastEngine:
         self.next_ids[index, 0] = choice.tokens
         self.positions[index, 0] = lengths
         self.steps[index] = 1
-        tokens, chosen = choice.tokens.tolist(), choice.logprobs.tolist()
-        top_values, top_ids = choice.top_logprobs.tolist(), choice.top_ids.tolist()
+        tokens, chosen, top_values, top_ids = choice.tolist()
         self.stats["prefill_s"] += time.perf_counter() - began
         self.stats["prompt_tokens"] += sum(len(r.prompt) for r in admitted)
         for i, (row, request) in enumerate(zip(rows, admitted)):
@@ -197,10 +196,7 @@ class FastEngine:
         logits = self.model(input_ids=self.next_ids, position_ids=self.positions, cache=self.cache,
                             eviction_cache=self.cache, use_cache=True).logits[:, -1]
         choice = self.sampler.choose(logits, self.steps)
-        for kept, new in zip(
-            (self.history.tokens, self.history.logprobs, self.history.top_logprobs, self.history.top_ids),
-            (choice.tokens, choice.logprobs, choice.top_logprobs, choice.top_ids),
-        ):
+        for kept, new in zip(self.history.tensors(), choice.tensors()):
             kept[:, column] = new
         self.next_ids[:, 0] = choice.tokens
         self.positions.add_(1)
@@ -227,8 +223,7 @@ class FastEngine:
         else:
             self._chunk()
             self.eager_chunks += 1
-        history = [t.tolist() for t in (self.history.tokens, self.history.logprobs,
-                                        self.history.top_logprobs, self.history.top_ids)]
+        history = self.history.tolist()
         self.stats["decode_s"] += time.perf_counter() - began
         self.stats["chunks"] += 1
         for row, request in enumerate(serving):
