@@ -100,9 +100,10 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
 
     rows = max(1, min(q_len, MAX_SCORE_ELEMENTS // max(1, b * hq * s)))
     # A policy that scores the prompt by its last queries alone (SnapKV) gets their votes apart.
-    window = getattr(cache.policy, "window_rows", 0) if q_len > 1 else 0
+    window = cache.policy.window_rows if q_len > 1 else 0
     votes = 2 if window else 1
-    last = positions.masked_fill(~row_valid, -1).max(-1, keepdim=True).values
+    if window:
+        last = positions.masked_fill(~row_valid, -1).max(-1, keepdim=True).values
     received = torch.zeros(b, hkv, votes, s, dtype=torch.float32, device=query.device)
     outputs = []
     for start in range(0, q_len, rows):
@@ -131,7 +132,7 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
     # Left padding puts every sequence's newest token in the last row.
     newest = probs[:, :, :, -1].sum(dim=2)
     seen = _seen(slot_positions, active, positions, row_valid, groups)
-    key_norms = key.float().norm(dim=-1) if getattr(cache.policy, "reads_key_norms", False) else None
+    key_norms = key.float().norm(dim=-1) if cache.policy.reads_key_norms else None
     layer.observe(Observation(received=received[:, :, 0], newest=newest, seen=seen, key_norms=key_norms,
                               window=received[:, :, 1] if window else None))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)

@@ -62,6 +62,8 @@ class Policy(ABC):
     parks_leaving_token: ClassVar[bool] = True
     # Whether `accumulate` reads the keys' norms (the attention computes them only then).
     reads_key_norms: ClassVar[bool] = False
+    # Query rows at a prompt's end whose attention `accumulate` reads apart (`Observation.window`).
+    window_rows: ClassVar[int] = 0
 
     def __init__(self, heavy_ratio: float, recent_ratio: float) -> None:
         for flag, value in (("--heavy_ratio", heavy_ratio), ("--recent_ratio", recent_ratio)):
