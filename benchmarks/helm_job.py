@@ -129,9 +129,9 @@ def one_run(model, tokenizer, inputs: Path, engine: str, policy: str, batch: int
                tok_s=round(served.generated / served.seconds, 1), floor_fraction=round(floor / served.seconds, 3),
                peak_GiB=round(torch.cuda.max_memory_allocated() / (1 << 30), 1))
     stats = served.engine_stats
-    if stats:
-        row.update(prefill_s=round(stats["prefill_s"], 2), decode_s=round(stats["decode_s"], 2),
-                   padding=round(1 - stats["prompt_tokens"] / max(1, stats["padded_tokens"]), 3),
+    row.update(prefill_s=round(stats["prefill_s"], 2), decode_s=round(stats["decode_s"], 2))
+    if "prompt_tokens" in stats:  # the fast engine's own counts
+        row.update(padding=round(1 - stats["prompt_tokens"] / max(1, stats["padded_tokens"]), 3),
                    prefill_TFLOPs=round(2 * multiplied * stats["prompt_tokens"] / stats["prefill_s"] / 1e12, 1))
     output.unlink(missing_ok=True)
     return row

@@ -8,6 +8,7 @@ fast engine.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -99,13 +100,20 @@ def generate(
     prompts: list[list[int]],
     sampling: list[Sampling],
     eviction: Eviction | None = None,
+    stats: dict[str, float] | None = None,
 ) -> list[Completion]:
-    """Generate one completion per prompt (token ids, no padding), all in one batch."""
+    """Generate one completion per prompt (token ids, no padding), all in one batch. `stats`, when
+    given, gains the seconds of the prompt's forward (`prefill_s`) and of the steps (`decode_s`)."""
     if len(prompts) != len(sampling):
         raise ValueError("one Sampling per prompt")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    began = time.perf_counter()
     decoder = Decoder(model, prompts, eviction, pad)
     logits = decoder.prefill()
+    if stats is not None:
+        logits.max().item()  # one sync a batch, so that the prefill's time is its own
+        prefilled = time.perf_counter()
+        stats["prefill_s"] = stats.get("prefill_s", 0.0) + prefilled - began
 
     eos = eos_ids(model, tokenizer)
     sampler = Sampler.for_requests(sampling, logits.device)
@@ -126,6 +134,8 @@ def generate(
             break
         # Rows already done still take a step; what they compute is never read.
         logits = decoder.step(choice.tokens)
+    if stats is not None:
+        stats["decode_s"] = stats.get("decode_s", 0.0) + time.perf_counter() - prefilled
 
     completions = []
     for row, transcript in enumerate(transcripts):

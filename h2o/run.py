@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from h2o import distributed, helm_io, models, results
 from h2o.attention import ATTENTION_IMPLEMENTATIONS
@@ -120,7 +121,9 @@ def encode(tokenizer, prompt: str, mode: str) -> tuple[list[int], bool]:
     return tokenizer(prompt, add_special_tokens=False).input_ids, templated
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, model: PreTrainedModel | None = None) -> int:
+    """run_helm.py; `model`: the --model_name weights already loaded on --device in --dtype (a
+    sweep's, loaded once for all its points), used instead of loading them again."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parser().parse_args(argv)
     ranks = distributed.Ranks.from_env()
@@ -158,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info("engine: %s (%s)", engine, why)
             torch.manual_seed(args.seed)
             loading = time.perf_counter()
-            model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype,
-                                      args.device_map, tensor_parallel=args.tensor_parallel)
+            if model is None:
+                model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype,
+                                          args.device_map, tensor_parallel=args.tensor_parallel)
             loaded = time.perf_counter() - loading
             served = run(args, model, tokenizer, encoded, policy, writer, engine)
             log.info("generated %d tokens in %.2f s: %.1f tok/s (model load %.2f s apart)",
                      served.generated, served.seconds, served.generated / max(served.seconds, 1e-9), loaded)
             if served.engine_stats:
-                log.info("fast engine: prefill %.2f s, decode %.2f s", served.engine_stats["prefill_s"],
+                log.info("%s engine: prefill %.2f s, decode %.2f s", engine, served.engine_stats["prefill_s"],
                          served.engine_stats["decode_s"])
             distributed.barrier(ranks)
             if ranks.parallel and ranks.rank == 0 and not args.tensor_parallel:
@@ -229,7 +233,7 @@ class Encoded:
 
 @dataclass
 class Served:
-    """What a run did: tokens generated, wall seconds, and the fast engine's own split of them."""
+    """What a run did: tokens generated, wall seconds, and the engine's split of them (prefill, decode)."""
 
     generated: int
     seconds: float
@@ -292,7 +296,8 @@ def _serve(args, model, tokenizer, encoded: list[Encoded], policy: Policy | None
     by_length = sorted(range(len(encoded)), key=lambda i: len(prompts[i]))
     for rows in helm_io.batches(by_length, batch):
         t0 = time.perf_counter()
-        completions = generate(model, tokenizer, [prompts[i] for i in rows], [sampling[i] for i in rows], eviction)
+        completions = generate(model, tokenizer, [prompts[i] for i in rows], [sampling[i] for i in rows], eviction,
+                               stats)
         seconds = time.perf_counter() - t0
         for i, done in zip(rows, completions):
             keep(encoded[i], done, seconds, len(rows))
