@@ -160,7 +160,7 @@ def one(model: Path, arch: str, inputs: Path, work: Path, placement: str, policy
     requests = sum(1 for _ in output.open())
     tokens = sum(int(g[0]) for g in generated)
     seconds = max(float(g[1]) for g in generated)
-    decode = max(float(s[3]) for s in split)
+    decode = max(float(s[2]) for s in split)
     halved = [int(b) for b in HALVED.findall(done.stderr)]
     return {**row, "engine": split[0][0], "batch_end": min(halved, default=batch), "requests": requests,
             "generated": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1),
