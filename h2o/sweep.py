@@ -1,12 +1,15 @@
 """The lab's experiment: every policy at every KV budget, evaluated by HELM and against the full cache.
 
-    python -m h2o.sweep [--task xsum] [--model smollm2] [--arch llama] [--n 200] ...
+    python -m h2o.sweep [--task xsum] [--model smollm2] [--arch llama] [--n 200] [--stage all] ...
 
-Each point (policy, budget) is generated with run_helm.py, scored with HELM (helm/our_run.sh),
-and compared with the full cache by teacher-forced KL and greedy agreement on the first
-`--fidelity_n` articles. A finished point is written to `points/<name>.json` and never
-recomputed; an interrupted one resumes where its results file stops. The report
-(`h2o.report`) is rewritten after every point.
+Each point (policy, budget) is generated with run_helm.py, compared with the full cache by
+teacher-forced KL and greedy agreement on the first `--fidelity_n` articles, and scored with HELM
+(helm/our_run.sh). Two stages, which may run on two machines: `generate` does all that needs the
+model (results, KV bytes, fidelity, and with `--analysis_n` the analysis) and writes
+`generated/<name>.json`; it needs no HELM. `score` scores those results with HELM and writes the
+finished point, `points/<name>.json`. `all` does both, point by point. Nothing finished is
+recomputed; an interrupted point resumes where its results file stops. The report (`h2o.report`)
+is rewritten after every scored point.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
+import transformers
 
 from h2o import helm_io, jsonl, models, policies, report
 from h2o.fidelity import against_full, full_reference
@@ -32,8 +38,7 @@ from h2o.run import main as run_helm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "helm"))  # lab_helm: where HELM's output lives and how to read it
 
-from lab_helm.evaluate import stat_means  # noqa: E402
-from lab_helm.helm_cli import run_dir  # noqa: E402
+from lab_helm.helm_cli import run_dir  # noqa: E402  (lab_helm.paths and .helm_cli need no HELM)
 from lab_helm.paths import BENCHMARK_OUTPUT  # noqa: E402
 
 BUDGETS = (0.04, 0.10, 0.20, 0.40, 0.60)
@@ -92,6 +97,8 @@ def _helm(results: Path, task: str, arch: str, suite: str, n: int) -> dict:
 
 
 def _scores(run: Path) -> dict:
+    from lab_helm.evaluate import stat_means  # imports HELM: only the score stage needs it
+
     means = stat_means(run / "stats.json")
     per_article = {}
     for instance in json.loads((run / "per_instance_stats.json").read_text()):
@@ -138,13 +145,27 @@ def greedy_continuations(model, tokenizer, requests: list[helm_io.Request], prom
         [Sampling(max_new_tokens=requests[i].max_tokens, stop=requests[i].stop) for i in rows])])
 
 
+class Loaded:
+    """The sweep's tokenizer and weights, loaded on first use and shared by every point."""
+
+    def __init__(self, args: argparse.Namespace, device: str) -> None:
+        self.args, self.device = args, device
+
+    @cached_property
+    def tokenizer(self):
+        return models.load_tokenizer(self.args.model, self.args.arch)[0]
+
+    @cached_property
+    def model(self):
+        return models.load_model(self.args.model, self.device, self.args.dtype)
+
+
 class Fidelities:
     """Teacher-forced comparison with the full cache's greedy continuations and log-probabilities
     (both computed once, the continuations kept on disk)."""
 
-    def __init__(self, folder: Path, args: argparse.Namespace) -> None:
-        tokenizer, _ = models.load_tokenizer(args.model, args.arch)
-        self.model = models.load_model(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype)
+    def __init__(self, folder: Path, args: argparse.Namespace, loaded: Loaded) -> None:
+        tokenizer, self.model = loaded.tokenizer, loaded.model
         requests, self.prompts = task_prompts(args, tokenizer, args.fidelity_n)
         # Batches of similar lengths waste little on padding.
         order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
@@ -169,52 +190,131 @@ class Fidelities:
                 "kl_by_step": [sum(kl) / len(kl) for kl in by_step]}
 
 
-def _check_settings(folder: Path, args: argparse.Namespace) -> None:
-    """A report holds one model, task and precision: refuse to resume one made otherwise."""
+def device_of(args: argparse.Namespace) -> str:
+    """--device, or the GPU where there is one."""
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"sweep: error: --device {args.device}: no CUDA device available")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _made_with(device: str) -> dict:
+    """What generated the report, for its reader (not checked: the score stage runs elsewhere)."""
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "gpu": gpu}
+
+
+def _check_settings(folder: Path, args: argparse.Namespace, device: str | None) -> None:
+    """A report holds one model, task and precision, generated on one kind of device: refuse to
+    resume one made otherwise. `device` is None in the score stage, which computes nothing on it
+    (and never creates the settings: a report starts where it is generated)."""
     settings = {"task": args.task, "model": args.model, "arch": args.arch, "dtype": args.dtype,
                 "chat_template": args.chat_template}
+    if device is not None:
+        settings["device"] = torch.device(device).type
     path = folder / "settings.json"
     if path.exists():
         before = json.loads(path.read_text())
-        changed = [f"--{k} {before.get(k)} (now {v})" for k, v in settings.items() if before.get(k) != v]
+        changed = [f"--{k} {before.get(k, 'unrecorded')} (now {v})" for k, v in settings.items() if before.get(k) != v]
         if changed:
             raise SystemExit(f"sweep: error: {folder} was made with {', '.join(changed)}; "
                              "pass those flags or another --reports folder")
-    else:
-        _write_json(path, settings)
+    elif device is not None:
+        _write_json(path, {**settings, "made_with": _made_with(device)})
+
+
+def _holds(path: Path, n: int) -> bool:
+    """Whether a point's record (generated or finished) exists for these `n` articles."""
+    return path.exists() and json.loads(path.read_text()).get("n") == n
+
+
+class Sweep:
+    """One report folder's points: generated (what needs the model) and scored (HELM)."""
+
+    def __init__(self, folder: Path, args: argparse.Namespace, device: str | None) -> None:
+        self.folder, self.args = folder, args
+        self.loaded = Loaded(args, device) if device is not None else None
+        self.fidelities: Fidelities | None = None
+
+    def finished(self, point: Point) -> Path:
+        return self.folder / "points" / f"{point.name}.json"
+
+    def generated(self, point: Point) -> Path:
+        return self.folder / "generated" / f"{point.name}.json"
+
+    def results(self, point: Point) -> Path:
+        return self.folder / "results" / f"{point.name}.jsonl"
+
+    def generate(self, point: Point, tag: str) -> None:
+        """The point's results, KV bytes and fidelity, into generated/<name>.json."""
+        args = self.args
+        if _holds(self.generated(point), args.n):
+            print(f"{tag}: generated", flush=True)
+            return
+        print(f"{tag}: generating {args.n} summaries", flush=True)
+        results = self.results(point)
+        status = run_helm(["--input_path", str(ROOT / "data" / f"{args.task}.jsonl"), "--output_path", str(results),
+                           "--model_name", args.model, "--model_arch", args.arch, "--sample_num", str(args.n),
+                           "--batch_size", str(args.batch_size), "--chat_template", args.chat_template,
+                           "--dtype", args.dtype, "--device", self.loaded.device, *point.run_flags()],
+                          model=self.loaded.model)
+        if status != 0:
+            raise SystemExit(status)
+        record = {"policy": point.policy, "budget": point.budget, "n": args.n, **_kv(results)}
+        if point.policy != "full" and args.fidelity_n > 0:
+            print(f"{tag}: fidelity on {args.fidelity_n} articles", flush=True)
+            self.fidelities = self.fidelities or Fidelities(self.folder, args, self.loaded)
+            record.update(self.fidelities.measure(point))
+        _write_json(self.generated(point), record)
+
+    def unscorable(self, point: Point, requests: list[helm_io.Request]) -> str | None:
+        """Why the score stage cannot score this point, or None."""
+        if not _holds(self.generated(point), self.args.n):
+            return f"{self.generated(point)}: no record of {self.args.n} generated articles; run --stage generate first"
+        done = helm_io.completed_count(self.results(point), requests)
+        if done != len(requests):
+            return f"{self.results(point)}: {done} of {len(requests)} results; run --stage generate to finish it"
+        return None
+
+    def score(self, point: Point, tag: str) -> None:
+        """HELM's scores of the generated point, into points/<name>.json, and the report."""
+        print(f"{tag}: HELM evaluation", flush=True)
+        args = self.args
+        generated = json.loads(self.generated(point).read_text())
+        scores = _helm(self.results(point), args.task, args.arch, f"sweep-{self.folder.name}-{point.name}", args.n)
+        _write_json(self.finished(point), {**{k: generated.pop(k) for k in ("policy", "budget", "n")},
+                                           **scores, **generated})
+        report.write(self.folder)
 
 
 def sweep(args: argparse.Namespace) -> Path:
     folder = report_folder(args)
-    (folder / "points").mkdir(parents=True, exist_ok=True)
-    (folder / "results").mkdir(exist_ok=True)
-    _check_settings(folder, args)
+    for sub in ("points", "results", "generated"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    generating, scoring = args.stage in ("generate", "all"), args.stage in ("score", "all")
+    device = device_of(args) if generating else None
+    _check_settings(folder, args, device)
+    run = Sweep(folder, args, device)
     todo = points(args.policies, args.budgets)
-    fidelities = None
+    left = [p for p in todo if not _holds(run.finished(p), args.n)]
+    if not generating:
+        # Every point checked before any is scored: a bad one stops the stage with nothing half done.
+        requests = helm_io.read_requests(ROOT / "data" / f"{args.task}.jsonl")[: args.n]
+        for point in left:
+            why = run.unscorable(point, requests)
+            if why:
+                raise ValueError(why)
     for index, point in enumerate(todo, start=1):
-        done = folder / "points" / f"{point.name}.json"
-        if done.exists() and json.loads(done.read_text()).get("n") == args.n:
-            print(f"[{index}/{len(todo)}] {point.name}: done", flush=True)
+        tag = f"[{index}/{len(todo)}] {point.name}"
+        if point not in left:
+            print(f"{tag}: done", flush=True)
             continue
-        print(f"[{index}/{len(todo)}] {point.name}: generating {args.n} summaries", flush=True)
-        results = folder / "results" / f"{point.name}.jsonl"
-        status = run_helm(["--input_path", str(ROOT / "data" / f"{args.task}.jsonl"), "--output_path", str(results),
-                           "--model_name", args.model, "--model_arch", args.arch, "--sample_num", str(args.n),
-                           "--batch_size", str(args.batch_size), "--chat_template", args.chat_template, "--dtype", args.dtype,
-                           *(["--device", args.device] if args.device else []), *point.run_flags()])
-        if status != 0:
-            raise SystemExit(status)
-        print(f"[{index}/{len(todo)}] {point.name}: HELM evaluation", flush=True)
-        record = {"policy": point.policy, "budget": point.budget, "n": args.n,
-                  **_helm(results, args.task, args.arch, f"sweep-{folder.name}-{point.name}", args.n),
-                  **_kv(results)}
-        if point.policy != "full" and args.fidelity_n > 0:
-            print(f"[{index}/{len(todo)}] {point.name}: fidelity on {args.fidelity_n} articles", flush=True)
-            fidelities = fidelities or Fidelities(folder, args)
-            record.update(fidelities.measure(point))
-        _write_json(done, record)
+        if generating:
+            run.generate(point, tag)
+        if scoring:
+            run.score(point, tag)
+    if scoring:
         report.write(folder)
-    report.write(folder)
     return folder
 
 
@@ -237,14 +337,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="where the generate stage runs (default: cuda if present)")
+    p.add_argument("--stage", default="all", choices=("generate", "score", "all"),
+                   help="generate: what needs the model, no HELM; score: HELM on generated points; all: both")
     args = p.parse_args(argv)
     unknown = [x for x in args.policies if x != "local" and x not in report.KNOWN_POLICIES]
     if unknown or any(not 0 < b <= 1 for b in args.budgets):
         print(f"sweep: error: unknown --policies {unknown}" if unknown else
               "sweep: error: --budgets must lie in (0, 1]", file=sys.stderr)
         return 2
-    print(f"report: {sweep(args)}")
+    try:
+        folder = sweep(args)
+    except (ValueError, FileNotFoundError) as error:  # a bad requests or results file, named with its line
+        print(f"sweep: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{'generated' if args.stage == 'generate' else 'report'}: {folder}")
     return 0
 
 

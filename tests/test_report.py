@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from h2o import report
 from h2o.sweep import Point, points
@@ -77,6 +78,34 @@ def test_a_sweep_refuses_to_resume_a_report_made_with_other_settings(tmp_path, c
     assert not (folder / "points").exists() or not any((folder / "points").iterdir())
     assert sweep.main(["--reports", str(tmp_path), "--policies", "h2o,nope"]) == 2
     assert "unknown --policies ['nope']" in capsys.readouterr().err
+
+
+def test_a_report_generated_on_one_device_is_not_resumed_on_another_but_scored_anywhere(tmp_path, capsys):
+    from h2o import sweep
+
+    folder = tmp_path / "xsum-smollm2"
+    folder.mkdir()
+    made = {"task": "xsum", "model": "smollm2", "arch": "llama", "dtype": "bfloat16", "chat_template": "auto",
+            "device": "cuda", "made_with": {"torch": "2.11.0+cu130"}}
+    (folder / "settings.json").write_text(json.dumps(made))
+    flags = ["--reports", str(tmp_path), "--dtype", "bfloat16", "--n", "1", "--policies", "h2o", "--budgets", "0.2"]
+    with pytest.raises(SystemExit, match=r"made with --device cuda \(now cpu\)"):
+        sweep.main([*flags, "--device", "cpu", "--stage", "generate"])
+    # Scoring computes nothing on the device: it goes on to the points, here not generated.
+    assert sweep.main([*flags, "--stage", "score"]) == 2
+    assert capsys.readouterr().err.startswith(f"sweep: error: {folder / 'generated' / 'full.json'}: no record")
+    assert json.loads((folder / "settings.json").read_text()) == made
+
+
+def test_a_new_report_records_where_it_was_generated(tmp_path, monkeypatch):
+    from h2o import sweep
+
+    monkeypatch.setattr(sweep.Sweep, "generate", lambda self, point, tag: None)
+    assert sweep.main(["--reports", str(tmp_path), "--n", "1", "--policies", "h2o", "--budgets", "0.2",
+                       "--device", "cpu", "--stage", "generate"]) == 0
+    settings = json.loads((tmp_path / "xsum-smollm2" / "settings.json").read_text())
+    assert settings["device"] == "cpu" and settings["dtype"] == "float32"
+    assert settings["made_with"]["torch"] == torch.__version__ and settings["made_with"]["gpu"] is None
 
 
 def test_when_h2o_is_best_it_is_weighed_against_the_runner_up(tmp_path):

@@ -9,11 +9,18 @@ HELM offline, each number recomputed here by other means:
   continuation, from logits of tests/h2o_oracle.py (a plain forward pass with its own H2O
   bookkeeping, no code shared with h2o/);
 - a rerun computes nothing.
+
+The fixture's sweep runs in two stages: `generate` in a process that cannot import HELM, ROUGE or
+nltk (the GPU machine has none), then `score`; the killed sweep runs both at once and must give
+the same points.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -63,6 +70,19 @@ def _model(vocab: int) -> LlamaForCausalLM:
     return model
 
 
+# Importing any of these fails in the generate stage's process, as on a machine without them.
+NOT_ON_THE_GPU_MACHINE = ("helm", "rouge_score", "nltk", "lab_helm.evaluate")
+
+
+def _generate_without_helm(argv: list[str]) -> subprocess.CompletedProcess:
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in NOT_ON_THE_GPU_MACHINE)
+    script = (f"import sys; {blocked}; from h2o import sweep; code = sweep.main({argv!r}); "
+              "assert not [m for m in sys.modules if m.startswith(('helm.', 'rouge_score.', 'nltk.'))]; "
+              "sys.exit(code)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     from h2o import sweep
@@ -74,15 +94,20 @@ def swept(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     argv = ["--model", str(folder), "--n", str(N), "--fidelity_n", str(FIDELITY_N), "--budgets", "0.2",
             "--policies", "h2o,local", "--batch_size", "2", "--device", "cpu", "--reports", str(root / "reports")]
+    generated = _generate_without_helm([*argv, "--stage", "generate"])
+    assert generated.returncode == 0, generated.stderr
+    [report] = [p for p in (root / "reports").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in (report / "generated").iterdir()) == [f"{n}.json" for n in NAMES]
+    assert not any((report / "points").iterdir())  # nothing scored yet
     patch = pytest.MonkeyPatch()
     patch.setenv("output_path", str(root / "benchmark_output"))  # our_run.sh's HELM output folder
     patch.setattr(sweep, "BENCHMARK_OUTPUT", root / "benchmark_output")
+    # Scoring loads no model.
+    patch.setattr(sweep.models, "load_model", lambda *a, **k: pytest.fail("the score stage loaded the model"))
     try:
-        assert sweep.main(argv) == 0
+        assert sweep.main([*argv, "--stage", "score"]) == 0
     finally:
         patch.undo()
-    reports = root / "reports"
-    [report] = [p for p in reports.iterdir() if p.is_dir()]
     return {"folder": folder, "report": report, "argv": argv, "root": root}
 
 
@@ -211,10 +236,29 @@ def test_a_rerun_skips_every_finished_point(swept, monkeypatch, capsys):
     assert {p.name: p.read_bytes() for p in (report / "results").glob("*.jsonl")} == results
 
 
+def test_the_score_stage_refuses_incomplete_results_before_scoring_any_point(swept, tmp_path, capsys):
+    from h2o import sweep
+
+    report = tmp_path / "reports" / swept["report"].name
+    shutil.copytree(swept["report"], report)
+    shutil.rmtree(report / "points")
+    results = report / "results" / "local-20.jsonl"
+    results.write_text("".join(results.read_text().splitlines(keepends=True)[:-1]))  # the last summary lost
+    argv = [*swept["argv"][:-1], str(tmp_path / "reports"), "--stage", "score"]
+    capsys.readouterr()
+    assert sweep.main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"sweep: error: {results}: {N - 1} of {N} results; run --stage generate to finish it"]
+    (report / "generated" / "h2o-20.json").unlink()
+    assert sweep.main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"sweep: error: {report / 'generated' / 'h2o-20.json'}: no record of {N} generated articles; "
+        "run --stage generate first"]
+    assert not any((report / "points").iterdir())  # full's results were whole, yet nothing was scored
+
+
 def test_a_point_killed_before_its_record_is_redone_and_never_reported_half_done(swept, tmp_path):
-    import os
     import signal
-    import subprocess
     import time
 
     from h2o import sweep
