@@ -60,7 +60,7 @@ def test_deployments_share_one_offline_tokenizer_and_length():
     deployments = yaml.safe_load((PROD_ENV / "model_deployments.yaml").read_text())["model_deployments"]
     models = {m["name"] for m in yaml.safe_load((PROD_ENV / "model_metadata.yaml").read_text())["models"]}
     tokenizers = {t["name"] for t in yaml.safe_load((PROD_ENV / "tokenizer_configs.yaml").read_text())["tokenizer_configs"]}
-    assert {(d["tokenizer_name"], d["max_sequence_length"]) for d in deployments} == {("h2o-lab/smollm2-gguf", 2048)}
+    assert {(d["tokenizer_name"], d["max_sequence_length"]) for d in deployments} == {("h2o-lab/smollm2-gguf", 8192)}
     assert {d["model_name"] for d in deployments} <= models
     assert {d["tokenizer_name"] for d in deployments} <= tokenizers
     assert {d["client_spec"]["class_name"] for d in deployments} == {"lab_helm.client.ResultsFileClient"}

@@ -1,4 +1,4 @@
-"""The export stage: helm-run --dry-run regenerates data/xsum.jsonl exactly, with the network cut."""
+"""The export stage: helm-run --dry-run regenerates each task's requests file exactly, with the network cut."""
 
 from __future__ import annotations
 
@@ -7,20 +7,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "helm"))
 
 from lab_helm import testing  # noqa: E402
+from lab_helm.tasks import get_task  # noqa: E402
 
 
-def test_export_equals_committed_requests(tmp_path):
-    out = tmp_path / "xsum.jsonl"
+@pytest.mark.parametrize("task", ["xsum", "multi_news", "needle"])
+def test_export_equals_committed_requests(tmp_path, task):
+    out = tmp_path / f"{task}.jsonl"
     cut = list(testing.net_cut() or ())
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'helm'}:{ROOT}"}
     done = subprocess.run(
-        [*cut, sys.executable, "-m", "lab_helm.export", "--output", str(out), "--log", str(tmp_path / "helm-run.log")],
+        [*cut, sys.executable, "-m", "lab_helm.export", "--task", task, "--output", str(out),
+         "--log", str(tmp_path / "helm-run.log")],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr + (tmp_path / "helm-run.log").read_text()[-3000:]
-    # All 500, byte for byte: generation (run_helm.py reads this file) and evaluation agree.
-    assert out.read_bytes() == testing.REQUESTS.read_bytes()
+    # Every request, byte for byte: generation (run_helm.py reads this file) and evaluation agree.
+    assert out.read_bytes() == get_task(task).requests.read_bytes()

@@ -1,8 +1,8 @@
 """Export stage: regenerate data/<task>.jsonl, the requests HELM makes, with `helm-run --dry-run`.
 
-    python -m lab_helm.export [--task xsum] [--n N] [--output FILE | --check]
+    python -m lab_helm.export [--task xsum|multi_news|needle] [--n N] [--output FILE | --check]
 
-Builds the scenario pickle from the vendored articles in a scratch output folder, runs helm-run
+Builds the scenario pickle from the task's examples in a scratch output folder, runs helm-run
 --dry-run with the same run entry, deployment, tokenizer, max length and instance selection as
 our_run.sh, and writes one `{"request": ...}` line per HELM request, in HELM's order (the articles'
 order). `--check` writes nothing: it exits 1 unless the first N lines of the committed file are
@@ -23,7 +23,7 @@ from helm.common.request import Request
 
 from lab_helm import helm_cli, scenario_data
 from lab_helm.requests import request_dict
-from lab_helm.tasks import get_task, read_articles
+from lab_helm.tasks import TASKS, get_task
 
 EXPORT_MODEL_ARCH = "llama"  # any h2o-lab/* deployment gives the same prompts: they share tokenizer and length
 
@@ -31,7 +31,7 @@ EXPORT_MODEL_ARCH = "llama"  # any h2o-lab/* deployment gives the same prompts: 
 def request_lines(task_name: str, n: int | None = None, log: Path | None = None) -> list[str]:
     """The lines of data/<task>.jsonl for the first n articles (all when None)."""
     task = get_task(task_name)
-    n = n or len(read_articles(task))
+    n = n or len(task.load())
     with tempfile.TemporaryDirectory(prefix="lab_helm_export_") as tmp:
         scenario_data.write(task, tmp, n)
         args = helm_cli.run_args(task.entry(EXPORT_MODEL_ARCH), "export", n, tmp, dry_run=True)
@@ -43,7 +43,7 @@ def request_lines(task_name: str, n: int | None = None, log: Path | None = None)
     lines = []
     for number, request_state in enumerate(state["request_states"], start=1):
         if request_state.get("prompt_truncated"):
-            raise RuntimeError(f"HELM truncated prompt {number} to fit the deployment: the prompts would not match the paper's")
+            raise RuntimeError(f"HELM truncated prompt {number} to fit the deployment: the prompts would not be the task's")
         if request_state.get("num_train_instances", 0) != 0:
             raise RuntimeError(f"request {number} has in-context examples: the export must be zero-shot")
         request = dacite.from_dict(Request, request_state["request"])
@@ -55,7 +55,7 @@ def request_lines(task_name: str, n: int | None = None, log: Path | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="xsum")
+    p.add_argument("--task", default="xsum", choices=sorted(TASKS))
     p.add_argument("--n", type=int, default=None, help="first N articles (default: all)")
     p.add_argument("--output", default=None, help="where to write (default: data/<task>.jsonl)")
     p.add_argument("--check", action="store_true", help="compare with the committed file instead of writing")

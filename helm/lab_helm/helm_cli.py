@@ -9,6 +9,8 @@ from pathlib import Path
 
 from lab_helm.paths import HELM_DIR, PROD_ENV
 
+PLUGINS = "lab_helm.run_specs"  # the lab's run specs (lab_multi_news, lab_needle), for --plugins
+
 
 def executable(name: str) -> str:
     """A HELM command (helm-run, helm-summarize): next to this Python first, then on PATH."""
@@ -41,6 +43,7 @@ def run_args(entry: str, suite: str, n: int, output_path: str | Path, dry_run: b
         "--exit-on-error",
         "--local-path", str(PROD_ENV),
         "--output-path", str(output_path),
+        "--plugins", PLUGINS,
     ]
     return args + (["--dry-run"] if dry_run else [])
 

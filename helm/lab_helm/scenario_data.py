@@ -1,11 +1,12 @@
-"""Build the pickle HELM's summarization scenario reads, from the vendored XSUM articles.
+"""Build the pickle a task's HELM scenario reads, from the task's examples.
 
 HELM's `SummarizationScenario` loads `<output>/scenarios/summarization/data/xsum.pk`, a pickle of
 `{"train": [...], "validation": [...], "test": [...]}` lists of `{"document", "summary"}`, and
 downloads it only when the file is absent. Writing it ourselves keeps HELM offline and makes it
 read exactly our articles: the first `n` of data/xsum/xsum_test_500.jsonl, in file order, as the
 test split. Train and validation stay empty: the runs are zero-shot, and any validation instance
-would be evaluated too.
+would be evaluated too. The lab's own scenarios (lab_helm.scenarios) read a pickle of the same
+shape: MultiNews's `{"id", "context", "summary"}`, the needle's generated examples.
 
     python -m lab_helm.scenario_data [--task xsum] [--n 500] [--output-path benchmark_output]
 """
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from lab_helm.paths import BENCHMARK_OUTPUT
-from lab_helm.tasks import Task, get_task, read_articles
+from lab_helm.tasks import TASKS, Task, get_task
 
 
 def scenario_pickle_path(task: Task, output_path: str | Path) -> Path:
@@ -27,13 +28,12 @@ def scenario_pickle_path(task: Task, output_path: str | Path) -> Path:
 
 
 def build(task: Task, n: int | None = None) -> dict:
-    articles = read_articles(task)
+    articles = task.load()
     if n is not None:
         if not 1 <= n <= len(articles):
             raise ValueError(f"n must be between 1 and {len(articles)}, got {n}")
         articles = articles[:n]
-    test = [{"id": a["id"], "document": a["document"], "summary": a["summary"]} for a in articles]
-    return {"train": [], "validation": [], "test": test}
+    return {"train": [], "validation": [], "test": articles}
 
 
 def write(task: Task, output_path: str | Path, n: int | None = None) -> Path:
@@ -50,7 +50,7 @@ def write(task: Task, output_path: str | Path, n: int | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="xsum")
+    p.add_argument("--task", default="xsum", choices=sorted(TASKS))
     p.add_argument("--n", type=int, default=None, help="first N articles (default: all)")
     p.add_argument("--output-path", default=str(BENCHMARK_OUTPUT), help="HELM's -o/--output-path")
     args = p.parse_args(argv)

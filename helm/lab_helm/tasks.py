@@ -1,16 +1,19 @@
-"""The tasks our_run.sh knows: where their articles and requests live, and HELM's run entry."""
+"""The tasks our_run.sh knows: where their examples and requests live, HELM's run entry, the metrics."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from lab_helm import needle
 from lab_helm.paths import DATA, PROD_ENV
 
-# HELM settings shared by the export and the evaluation. `device=cpu` turns off BERTScore and
-# SummaC (both download models); `max_train_instances=0` makes the prompts zero-shot.
-RUN_ENTRY_ARGS = "temperature=0.3,device=cpu,max_train_instances=0"
+# HELM settings of the XSUM run entry, shared by the export and the evaluation. `device=cpu`
+# turns off BERTScore and SummaC (both download models); `max_train_instances=0` makes the prompts
+# zero-shot.
+XSUM_ENTRY_ARGS = "temperature=0.3,device=cpu,max_train_instances=0"
 MODEL_PREFIX = "h2o-lab"
 
 
@@ -18,23 +21,73 @@ MODEL_PREFIX = "h2o-lab"
 class Task:
     name: str
     run_entry: str  # HELM's run-spec function
+    entry_args: str  # its arguments, before the model
     scenario_name: str  # HELM scenario `name`: its data lives in <output>/scenarios/<scenario_name>/data
     pickle_name: str  # the file the scenario reads there
-    articles: Path  # vendored source: one {"id", "document", "summary"} a line
+    load: Callable[[], list[dict]]  # the examples, each with an "id", in the requests' order
     requests: Path  # the committed export, the input of run_helm.py
+    metrics: tuple[str, ...]  # HELM stats every evaluation must have
+    scores: tuple[str, ...]  # the ones lab_table.sh and the sweep show, per article too
+    main: str  # the score the sweep's report ranks by
+    summarization_eval_cache: bool = False  # HELM's SummarizationMetric looks for human ratings
 
     def entry(self, model_arch: str) -> str:
-        return f"{self.run_entry}:{RUN_ENTRY_ARGS},model={deployment(model_arch)}"
+        args = [a for a in (self.entry_args, f"model={deployment(model_arch)}") if a]
+        return f"{self.run_entry}:{','.join(args)}"
 
 
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _xsum() -> list[dict]:
+    return _jsonl(DATA / "xsum" / "xsum_test_500.jsonl")
+
+
+def _multi_news() -> list[dict]:
+    return [{"id": r["_id"], "context": r["context"], "summary": r["answers"][0]}
+            for r in _jsonl(DATA / "longbench" / "multi_news.jsonl")]
+
+
+ROUGE = ("rouge_1", "rouge_2", "rouge_l")
 TASKS = {
     "xsum": Task(
         name="xsum",
         run_entry="summarization_xsum",
+        entry_args=XSUM_ENTRY_ARGS,
         scenario_name="summarization",
         pickle_name="xsum.pk",
-        articles=DATA / "xsum" / "xsum_test_500.jsonl",
+        load=_xsum,
         requests=DATA / "xsum.jsonl",
+        metrics=ROUGE + ("summarization_coverage", "summarization_density", "summarization_compression"),
+        scores=ROUGE,
+        main="rouge_2",
+        summarization_eval_cache=True,
+    ),
+    "multi_news": Task(
+        name="multi_news",
+        run_entry="lab_multi_news",
+        entry_args="",
+        scenario_name="lab_multi_news",
+        pickle_name="multi_news.pk",
+        load=_multi_news,
+        requests=DATA / "multi_news.jsonl",
+        metrics=ROUGE,
+        scores=ROUGE,
+        main="rouge_l",  # LongBench's score for the task
+    ),
+    "needle": Task(
+        name="needle",
+        run_entry="lab_needle",
+        entry_args="",
+        scenario_name="lab_needle",
+        pickle_name="needle.pk",
+        load=needle.examples,
+        requests=DATA / "needle.jsonl",
+        metrics=("ruler_string_match_part",),
+        scores=("ruler_string_match_part",),
+        main="ruler_string_match_part",
     ),
 }
 
@@ -59,5 +112,4 @@ def model_archs() -> list[str]:
 
 
 def read_articles(task: Task) -> list[dict]:
-    with open(task.articles, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return task.load()

@@ -1,0 +1,120 @@
+"""The long-input tasks: MultiNews's vendored data and LongBench prompts, the generated needles,
+and both request files as SmolLM2 reads them (no HELM run here: see test_helm_export.py and
+test_helm_e2e.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "helm"))
+
+from lab_helm import longbench, needle  # noqa: E402
+from lab_helm.lengths import CHAT_ROOM, CONTEXT  # noqa: E402
+from lab_helm.tasks import get_task  # noqa: E402
+
+MULTI_NEWS_SHA256 = "f8817c00af317c2d7f81128f334bcfe5780c6c2a515d5c96811aa0ddf8b5ee6b"
+
+
+class Chars:
+    """A tokenizer of one token per character: cuts are easy to predict."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def requests(task: str) -> list[dict]:
+    with open(get_task(task).requests, encoding="utf-8") as f:
+        return [json.loads(line)["request"] for line in f]
+
+
+def test_vendored_multi_news_is_the_documented_file():
+    path = ROOT / "data" / "longbench" / "multi_news.jsonl"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == MULTI_NEWS_SHA256
+    assert MULTI_NEWS_SHA256 in (ROOT / "data" / "README.md").read_text()
+    examples = get_task("multi_news").load()
+    assert len(examples) == 200 == len({e["id"] for e in examples})
+    assert all(e["context"].startswith("Passage 1:") and e["summary"].strip() for e in examples)
+
+
+def test_longbench_cut_keeps_the_first_and_last_halves():
+    text = longbench.TEMPLATE.format(context="x" * 100)
+    assert longbench.prompt("x" * 100, Chars(), max_tokens=len(text)) == text
+    cut = longbench.prompt("x" * 100, Chars(), max_tokens=41)
+    assert cut == text[:20] + text[-20:]
+
+
+def test_multi_news_requests_are_longbench_prompts_cut_in_the_middle():
+    head, tail = longbench.TEMPLATE.split("{context}")
+    cut = 0
+    for request, example in zip(requests("multi_news"), get_task("multi_news").load(), strict=True):
+        assert {k: v for k, v in request.items() if k != "prompt"} == {
+            "temperature": 0.0, "n": 1, "max_tokens": 512, "stop": [], "top_p": 1, "top_k_per_token": 1,
+            "echo_prompt": False,
+        }
+        whole = longbench.TEMPLATE.format(context=example["context"])
+        if request["prompt"] != whole:
+            cut += 1
+            assert request["prompt"].startswith(head) and request["prompt"].endswith(tail)
+            assert len(request["prompt"]) < len(whole)
+    assert cut == 8  # the contexts longer than the prompt budget, in SmolLM2's tokens
+
+
+def test_needle_examples_cover_the_grid_in_every_block_of_twenty():
+    examples = needle.examples()
+    assert examples == needle.examples(needle.SEED)  # seeded
+    assert examples != needle.examples(needle.SEED + 1)
+    cells = len(needle.LENGTHS) * len(needle.DEPTHS)
+    assert len(examples) == cells * needle.SAMPLES
+    for start in range(0, len(examples), cells):
+        block = examples[start : start + cells]
+        assert {(e["length"], e["depth"]) for e in block} == {(n, d) for n in needle.LENGTHS for d in needle.DEPTHS}
+    assert all(re.fullmatch(r"[1-9]\d{6}", e["value"]) for e in examples)
+
+
+def test_needle_prompt_is_the_longest_haystack_that_fits():
+    example = {"id": "t", "length": 1024, "depth": 50, "key": "calm-river", "value": "1234567"}
+    budget = 1024 - needle.MAX_TOKENS - CHAT_ROOM
+    prompt = needle.prompt(example, Chars())
+    sentences = prompt.count(needle.NOISE)
+    assert len(prompt) <= budget < len(needle.text(example, sentences + 1))
+    before = prompt.split(needle.NEEDLE.format(**example))[0]
+    assert before.count(needle.NOISE) == round(sentences / 2)
+
+
+def test_needle_requests_hide_one_needle_at_its_depth():
+    for request, example in zip(requests("needle"), needle.examples(), strict=True):
+        assert {k: v for k, v in request.items() if k != "prompt"} == {
+            "temperature": 0.0, "n": 1, "max_tokens": needle.MAX_TOKENS, "stop": [], "top_p": 1,
+            "top_k_per_token": 1, "echo_prompt": False,
+        }
+        prompt = request["prompt"]
+        sentences = prompt.count(needle.NOISE)
+        assert prompt.count("special magic numbers for") == 1 and prompt.count(example["value"]) == 1
+        assert prompt == needle.text(example, sentences)
+
+
+def test_requests_fit_smollm2_as_run_helm_reads_them():
+    """Templated as run_helm.py templates them, every multi_news request fits SmolLM2's 8,192
+    tokens, and every needle fills its length without passing it."""
+    from h2o import models
+    from h2o.run import encode
+
+    tokenizer, config = models.load_tokenizer()
+    assert config.max_position_embeddings == CONTEXT
+
+    def tokens(request: dict) -> int:
+        return len(encode(tokenizer, request["prompt"], "auto")[0]) + request["max_tokens"]
+
+    assert max(tokens(r) for r in requests("multi_news")) <= CONTEXT
+    for request, example in zip(requests("needle"), needle.examples()):
+        assert example["length"] - CHAT_ROOM <= tokens(request) <= example["length"], example["id"]
