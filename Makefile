@@ -27,4 +27,4 @@ test: venv
 	$(PY) -m pytest tests -q
 
 clean-lab:
-	rm -rf out/lab helm/benchmark_output/runs/lab-*
+	rm -rf out/lab helm/benchmark_output/runs/lab-* helm/benchmark_output/prod_env/lab-*

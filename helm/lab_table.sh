@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One table (mode, KV budget, rouge_1/2/L, KV MiB, tok/s, n) for suites our_run.sh evaluated:
+# One table (mode, KV budget, rouge_1/2/L, KV MiB, tok/s, n), a row per results file of the suites
+# our_run.sh evaluated:
 #   helm/lab_table.sh xsum-llama-full xsum-llama-h2o xsum-llama-local
-# SUITE=LABEL sets a row's mode label. Details: helm/lab_helm/table.py.
+#   helm/lab_table.sh lab-20                  (one suite, a row per point)
+# SUITE=LABEL sets the mode label of the suite's rows. Details: helm/lab_helm/table.py.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-$([ -x "${here}/../.venv/bin/python" ] && echo "${here}/../.venv/bin/python" || echo python3)}

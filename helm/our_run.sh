@@ -4,14 +4,18 @@
 #
 #   cd helm && ./our_run.sh [jsonl] [task] [model_arch] [output_name] [max_eval_instances]
 #   cd helm && jsonl=../xsum-llama-h2o.jsonl output_name=xsum-llama-h2o ./our_run.sh
+#   cd helm && ./our_run.sh full=../full.jsonl,h2o=../h2o.jsonl xsum llama lab   # one suite, a model each
 #
 # Each knob is a positional argument (in this order) or a variable of the same name; an argument
 # wins over a variable, a variable over the default:
 #   jsonl               results of run_helm.py        default ../<task>-<model_arch>-full.jsonl
+#                       or points NAME=FILE[,NAME=FILE...]: each file is the model
+#                       h2o-lab/<model_arch>-NAME of the suite, which keeps its other points
 #   task                requests in ../data/<task>.jsonl  default xsum
 #   model_arch          deployment h2o-lab/<model_arch>   default llama
 #   output_name         HELM suite, folder under benchmark_output/runs/
 #                                                       default: jsonl's file name less .jsonl
+#                                                       (required with points)
 #   max_eval_instances  evaluate the first N requests   default: as many as jsonl has results
 # and, as a variable only, output_path: HELM's output folder (default helm/benchmark_output).
 # Relative paths are relative to the folder you run it from.
@@ -24,9 +28,22 @@ from_caller() { case $1 in /*) echo "$1" ;; *) echo "${caller}/$1" ;; esac; }  #
 task=${2:-${task:-xsum}}
 model_arch=${3:-${model_arch:-llama}}
 jsonl=${1:-${jsonl:-}}
-jsonl=${jsonl:+$(from_caller "${jsonl}")}
-jsonl=${jsonl:-${PWD%/*}/${task}-${model_arch}-full.jsonl}
-output_name=${4:-${output_name:-$(basename "${jsonl}" .jsonl)}}
+files=()  # prepare's and check's arguments: --jsonl FILE, or --point NAME=FILE for each point
+if [[ ${jsonl} =~ ^[A-Za-z0-9][A-Za-z0-9._-]*= ]]; then
+    IFS=, read -ra pairs <<<"${jsonl}"
+    for pair in "${pairs[@]}"; do
+        files+=(--point "${pair%%=*}=$(from_caller "${pair#*=}")")
+    done
+    output_name=${4:-${output_name:-}}
+    [[ -n ${output_name} ]] || die "output_name is required with points (NAME=FILE)"
+else
+    jsonl=${jsonl:+$(from_caller "${jsonl}")}
+    jsonl=${jsonl:-${PWD%/*}/${task}-${model_arch}-full.jsonl}
+    [[ -f ${jsonl} ]] || die "results file ${jsonl} does not exist (run_helm.py --output_path, or pass jsonl=...)"
+    [[ -s ${jsonl} ]] || die "results file ${jsonl} is empty"
+    files=(--jsonl "${jsonl}")
+    output_name=${4:-${output_name:-$(basename "${jsonl}" .jsonl)}}
+fi
 max_eval_instances=${5:-${max_eval_instances:-}}
 output_path=$(from_caller "${output_path:-${PWD}/benchmark_output}")
 
@@ -39,36 +56,38 @@ PYTHON=$(dirname "$(command -v helm-run)")/python
 export PYTHONPATH="${PWD}:${PWD%/*}${PYTHONPATH:+:${PYTHONPATH}}"  # lab_helm (results client, tokenizer) and h2o
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1           # nothing below downloads; fail, never fetch
 
-[[ -f ${jsonl} ]] || die "results file ${jsonl} does not exist (run_helm.py --output_path, or pass jsonl=...)"
-[[ -s ${jsonl} ]] || die "results file ${jsonl} is empty"
 missing=$("${PYTHON}" -m lab_helm.offline --check 2>&1) || die "${missing}"
 
 mkdir -p "${output_path}/logs"
 exec 9>"${output_path}/.our_run.lock"  # one evaluation at a time: they share the scenario's data file
 command -v flock >/dev/null 2>&1 && flock 9
 
-# 1. Check the results against the requests HELM asks for; stage the scenario data.
-staged=$("${PYTHON}" -m lab_helm.evaluate prepare --jsonl "${jsonl}" --task "${task}" \
+# 1. Check the results against the requests HELM asks for; stage the scenario data and the
+#    suite's prod_env (a model per results file).
+staged=$("${PYTHON}" -m lab_helm.evaluate prepare "${files[@]}" --task "${task}" \
     --model-arch "${model_arch}" --suite "${output_name}" --output-path "${output_path}" \
     ${max_eval_instances:+--n "${max_eval_instances}"}) || exit 2
 n=$(sed -n 1p <<<"${staged}")
-entry=$(sed -n 2p <<<"${staged}")
-export LAB_HELM_RESULTS=${jsonl}
+env=$(sed -n 2p <<<"${staged}")
+mapfile -t entries < <(sed -n '3,$p' <<<"${staged}")
 echo "our_run.sh: ${n} results from ${jsonl} -> ${output_path}/runs/${output_name}/"
 
-# 2. HELM computes the metrics; the h2o-lab client answers from the results file.
+# 2. HELM computes the metrics; the h2o-lab client answers from each model's results file.
 log=${output_path}/logs/${output_name}.helm-run.log
-if ! helm-run --run-entries "${entry}" --suite "${output_name}" --max-eval-instances "${n}" \
+if ! helm-run --run-entries "${entries[@]}" --suite "${output_name}" --max-eval-instances "${n}" \
         --num-threads 1 --disable-cache --exit-on-error \
-        --local-path prod_env --output-path "${output_path}" >"${log}" 2>&1; then
+        --local-path "${env}" --output-path "${output_path}" >"${log}" 2>&1; then
     grep -E "Error|error:" "${log}" | tail -n 3 >&2 || true
     die "helm-run failed; its log: ${log}"
 fi
-"${PYTHON}" -m lab_helm.evaluate check --jsonl "${jsonl}" --suite "${output_name}" --output-path "${output_path}" || exit 2
+"${PYTHON}" -m lab_helm.evaluate check "${files[@]}" --model-arch "${model_arch}" --suite "${output_name}" \
+    --output-path "${output_path}" || exit 2
 
-# 3. Summaries for helm-server (runs.json, groups, ...).
+# 3. Summaries for helm-server (runs.json, groups, ...) of the whole suite, under a schema whose
+#    leaderboard compares its models on the suite's tasks.
+schema=$("${PYTHON}" -m lab_helm.schema --suite "${output_name}" --output-path "${output_path}") || exit 2
 log=${output_path}/logs/${output_name}.helm-summarize.log
-helm-summarize --suite "${output_name}" --output-path "${output_path}" >"${log}" 2>&1 \
-    || die "helm-summarize failed; its log: ${log}"
+helm-summarize --suite "${output_name}" --output-path "${output_path}" --schema-path "${schema}" \
+    --local-path "${env}" >"${log}" 2>&1 || die "helm-summarize failed; its log: ${log}"
 echo "our_run.sh: done: ${output_path}/runs/${output_name}/"
 echo "our_run.sh: view: helm/serve_local.sh -o ${output_path} --suite ${output_name}"

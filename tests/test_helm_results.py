@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helm.common.request import Request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,12 +113,14 @@ def test_unknown_task_and_model_arch(tmp_path, good, capsys):
 def test_prepare_stages_the_run(tmp_path, good, capsys):
     path = testing.write_results(tmp_path / "r.jsonl", good)
     assert prepare(tmp_path, path) == 0
-    n, entry = capsys.readouterr().out.split()
-    assert n == "5"
+    n, env, entry = capsys.readouterr().out.split()
+    assert n == "5" and env == str(tmp_path / "out" / "prod_env" / "s")
     assert entry == "summarization_xsum:temperature=0.3,device=cpu,max_train_instances=0,model=h2o-lab/llama"
+    deployment = yaml.safe_load((Path(env) / "model_deployments.yaml").read_text())["model_deployments"]
+    assert [d["client_spec"]["args"]["results_path"] for d in deployment] == [str(path.resolve())]
     suite = tmp_path / "out" / "runs" / "s"
     assert sorted(p.name for p in (suite / "eval_cache").iterdir()) == ["qafacteval.pk", "xsum_0shots.csv", "xsum_5shots.csv"]
-    summary = json.loads((suite / "generation.json").read_text())
+    summary = json.loads((suite / "generation-llama.json").read_text())
     assert summary["requests"] == 5 and summary["kv_cache"]["policy"] == "full"
     assert summary["tokens_per_second"] == pytest.approx(summary["generated_tokens"] / 5.0)
 

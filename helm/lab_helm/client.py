@@ -1,14 +1,12 @@
 """A HELM client that answers from a results jsonl instead of a model.
 
-Registered for the h2o-lab/* deployments in prod_env/model_deployments.yaml. It reads the file
-named by $LAB_HELM_RESULTS (our_run.sh sets it), answers each HELM request with the result whose
-request is the same (see lab_helm.requests), keeps the tokens and their logprobs, and raises
-(never retried) on a request that has no result: nothing is made up, nothing is cached.
+Registered for the h2o-lab/* deployments; each deployment of a suite's prod_env (lab_helm.suite_env)
+names its results file in the client's `results_path`. It answers each HELM request with the
+result whose request is the same (see lab_helm.requests), keeps the tokens and their logprobs, and
+raises (never retried) on a request that has no result: nothing is made up, nothing is cached.
 """
 
 from __future__ import annotations
-
-import os
 
 from helm.clients.client import Client
 from helm.common.request import GeneratedOutput, Request, RequestResult, Token
@@ -16,8 +14,6 @@ from helm.proxy.retry import NonRetriableException
 
 from lab_helm import results
 from lab_helm.requests import differences, request_dict, snippet
-
-RESULTS_ENV = "LAB_HELM_RESULTS"
 
 
 class MissingResultError(NonRetriableException):
@@ -39,10 +35,8 @@ def _output(choice: dict) -> GeneratedOutput:
 
 
 class ResultsFileClient(Client):
-    def __init__(self, results_path: str | None = None):
-        self.path = results_path or os.environ.get(RESULTS_ENV)
-        if not self.path:
-            raise MissingResultError(f"set {RESULTS_ENV} to the results jsonl to evaluate")
+    def __init__(self, results_path: str):
+        self.path = results_path
         self.by_prompt = results.index(results.load(self.path), self.path)
 
     def make_request(self, request: Request) -> RequestResult:

@@ -1,11 +1,15 @@
 """The steps of our_run.sh around helm-run: check and stage before, verify and report after.
 
-    python -m lab_helm.evaluate prepare --jsonl FILE --task xsum --model-arch llama --suite NAME [--n N]
-        Checks the results file against the requests HELM will ask for (the first N lines of
-        data/<task>.jsonl; N defaults to the number of results), then stages the run: the scenario
-        pickle of the first N articles, HELM's eval-cache files, and generation.json (KV cache and
-        speed of the generation) in runs/<suite>/. Prints N and the run entry, one a line.
-    python -m lab_helm.evaluate check --jsonl FILE --suite NAME
+    python -m lab_helm.evaluate prepare (--jsonl FILE | --point NAME=FILE ...) --suite NAME
+            [--task xsum] [--model-arch llama] [--n N]
+        Checks each results file against the requests HELM will ask for (the first N lines of
+        data/<task>.jsonl; N defaults to the fewest results of the files), then stages the run:
+        the scenario pickle of the first N articles, HELM's eval-cache files, the suite's prod_env
+        (lab_helm.suite_env: a model per file) and generation-<model>.json (KV cache and speed of
+        the generation) in runs/<suite>/. A --jsonl suite holds that one file, so it is emptied
+        first; --point adds to the suite, replacing only the points named. Prints N, the prod_env
+        folder and the run entries, one a line.
+    python -m lab_helm.evaluate check (--jsonl FILE | --point NAME=FILE ...) --suite NAME [--model-arch llama]
         After helm-run: the requests HELM made are exactly the results file's; prints the metrics.
 
 Errors are one line each, prefixed `our_run.sh: error:`, with exit status 2.
@@ -23,7 +27,7 @@ from pathlib import Path
 import dacite
 from helm.common.request import Request
 
-from lab_helm import helm_cli, results, scenario_data
+from lab_helm import helm_cli, results, scenario_data, suite_env
 from lab_helm.paths import BENCHMARK_OUTPUT
 from lab_helm.requests import request_dict
 from lab_helm.tasks import Task, get_task, model_archs, read_articles
@@ -101,6 +105,33 @@ def generation_summary(records: list[results.Record], path: Path) -> dict:
     }
 
 
+def points(args: argparse.Namespace) -> list[suite_env.Point]:
+    if args.jsonl is not None:
+        return [suite_env.Point(None, Path(args.jsonl))]
+    try:
+        found = [suite_env.parse_point(spec) for spec in args.point]
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    names = [p.name for p in found]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"point {twice[0]!r} is given twice")
+    return found
+
+
+def _clear(output: Path, suite: str, models: list[str] | None) -> None:
+    """Remove what a previous evaluation left of these models (of every model when None)."""
+    suite_dir = output / "runs" / suite
+    if models is None:
+        for folder in (suite_dir, suite_env.folder(output, suite)):
+            if folder.exists():
+                shutil.rmtree(folder)
+        return
+    for model in models:
+        for run in helm_cli.runs(output, suite, model):
+            shutil.rmtree(run)
+
+
 def prepare(args: argparse.Namespace) -> None:
     task = get_task(args.task)
     archs = model_archs()
@@ -108,27 +139,32 @@ def prepare(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown model_arch {args.model_arch!r}; prod_env/model_deployments.yaml has: {', '.join(archs)}")
     if not args.suite or "/" in args.suite or args.suite.startswith("."):
         raise UsageError(f"output_name {args.suite!r} must be a plain folder name")
-    jsonl = Path(args.jsonl)
-    records = results.load(jsonl)
+    todo = points(args)
+    loaded = [results.load(p.results) for p in todo]
     requests = results.read_requests(task.requests)
-    n = args.n if args.n is not None else min(len(records), len(requests))
+    n = args.n if args.n is not None else min(len(requests), *(len(r) for r in loaded))
     if not 1 <= n <= len(requests):
         raise UsageError(f"max_eval_instances must be between 1 and {len(requests)}, got {n}")
     names = [a["id"] for a in read_articles(task)[:n]]
     asked = f"{task.run_entry}, the first {n} requests of data/{task.requests.name}"
-    ordered = results.match(requests[:n], records, jsonl, asked, names)
+    ordered = [results.match(requests[:n], records, p.results, asked, names) for p, records in zip(todo, loaded)]
 
     output = Path(args.output_path)
+    models = [p.model(args.model_arch) for p in todo]
+    _clear(output, args.suite, None if args.jsonl is not None else models)
     suite_dir = output / "runs" / args.suite
-    if suite_dir.exists():
-        shutil.rmtree(suite_dir)  # a suite holds one evaluation: never mix runs of two files
     scenario_data.write(task, output, n)
     write_eval_cache(suite_dir, task)
-    summary = generation_summary(ordered, jsonl)
-    summary.update(task=task.name, model_arch=args.model_arch, suite=args.suite)
-    (suite_dir / "generation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    env = suite_env.folder(output, args.suite)
+    for point, records, model in zip(todo, ordered, models):
+        summary = generation_summary(records, point.results)
+        summary.update(task=task.name, model_arch=args.model_arch, suite=args.suite, point=point.name, model=model)
+        suite_env.add(env, point, args.model_arch, summary["kv_cache"])
+        suite_env.summary_path(output, args.suite, model).write_text(json.dumps(summary, indent=2) + "\n")
     print(n)
-    print(task.entry(args.model_arch))
+    print(env)
+    for point in todo:
+        print(task.entry(point.arch_slot(args.model_arch)))
 
 
 def stat_means(stats_path: Path) -> dict[str, float]:
@@ -143,16 +179,17 @@ def stat_means(stats_path: Path) -> dict[str, float]:
 
 
 def check(args: argparse.Namespace) -> None:
-    jsonl = Path(args.jsonl)
-    run = helm_cli.run_dir(args.output_path, args.suite)
-    state = json.loads((run / "scenario_state.json").read_text())
-    asked = [request_dict(dacite.from_dict(Request, rs["request"])) for rs in state["request_states"]]
-    results.match(asked, results.load(jsonl), jsonl, f"{run.name}, {len(asked)} requests")
-    means = stat_means(run / "stats.json")
-    missing = [m for m in METRICS if m not in means]
-    if missing:
-        raise UsageError(f"{run / 'stats.json'} lacks {', '.join(missing)}")
-    print(f"{len(asked)} requests evaluated: " + ", ".join(f"{m}={means[m]:.4f}" for m in METRICS))
+    for point in points(args):
+        run = helm_cli.run_dir(args.output_path, args.suite, point.model(args.model_arch))
+        state = json.loads((run / "scenario_state.json").read_text())
+        asked = [request_dict(dacite.from_dict(Request, rs["request"])) for rs in state["request_states"]]
+        results.match(asked, results.load(point.results), point.results, f"{run.name}, {len(asked)} requests")
+        means = stat_means(run / "stats.json")
+        missing = [m for m in METRICS if m not in means]
+        if missing:
+            raise UsageError(f"{run / 'stats.json'} lacks {', '.join(missing)}")
+        print(f"{point.name + ': ' if point.name else ''}{len(asked)} requests evaluated: "
+              + ", ".join(f"{m}={means[m]:.4f}" for m in METRICS))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,12 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="step", required=True)
     for name in ("prepare", "check"):
         s = sub.add_parser(name)
-        s.add_argument("--jsonl", required=True)
+        files = s.add_mutually_exclusive_group(required=True)
+        files.add_argument("--jsonl", help="one results file: the suite holds it alone")
+        files.add_argument("--point", action="append", metavar="NAME=FILE", help="a point added to the suite")
         s.add_argument("--suite", required=True)
         s.add_argument("--output-path", default=str(BENCHMARK_OUTPUT))
+        s.add_argument("--model-arch", default="llama")
         if name == "prepare":
             s.add_argument("--task", default="xsum")
-            s.add_argument("--model-arch", default="llama")
             s.add_argument("--n", type=int, default=None)
     args = p.parse_args(argv)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -48,9 +49,20 @@ def run_args(entry: str, suite: str, n: int, output_path: str | Path, dry_run: b
     return args + (["--dry-run"] if dry_run else [])
 
 
-def run_dir(output_path: str | Path, suite: str) -> Path:
-    """The one run directory of a suite (our suites hold one run entry each)."""
-    runs = [p for p in (Path(output_path) / "runs" / suite).iterdir() if (p / "run_spec.json").exists()]
-    if len(runs) != 1:
-        raise FileNotFoundError(f"expected one run in {Path(output_path) / 'runs' / suite}, found {len(runs)}")
-    return runs[0]
+def runs(output_path: str | Path, suite: str, model: str | None = None) -> list[Path]:
+    """The run directories of a suite, of one model's runs when `model` is given."""
+    folder = Path(output_path) / "runs" / suite
+    found = sorted(p for p in folder.iterdir() if (p / "run_spec.json").exists()) if folder.is_dir() else []
+    if model is None:
+        return found
+    return [p for p in found
+            if json.loads((p / "run_spec.json").read_text())["adapter_spec"]["model_deployment"] == model]
+
+
+def run_dir(output_path: str | Path, suite: str, model: str | None = None) -> Path:
+    """The one run directory of a suite's model (of the suite, when it holds one run)."""
+    found = runs(output_path, suite, model)
+    if len(found) != 1:
+        of = f" of {model}" if model else ""
+        raise FileNotFoundError(f"expected one run{of} in {Path(output_path) / 'runs' / suite}, found {len(found)}")
+    return found[0]

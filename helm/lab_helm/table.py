@@ -2,11 +2,12 @@
 
     python -m lab_helm.table [--output-path helm/benchmark_output] SUITE[=LABEL] ...
 
-For each suite (an our_run.sh output_name): rouge_1/2/L are the means in HELM's stats.json;
+A row for each results file of each suite (an our_run.sh output_name), in the order they were
+evaluated: rouge_1/2/L are the means in HELM's stats.json;
 "KV budget" is the cache policy's share of the prompt (heavy hitters + recent window); "KV MiB"
 is the mean peak KV-cache size per request; tok/s is generated tokens over generation time (as
-run_helm.py timed its batches, prefill included). The mode is LABEL, or else guessed from the
-KV-cache fields: full, local (no heavy hitters) or the policy's name.
+run_helm.py timed its batches, prefill included). The mode is LABEL, or else the point's name,
+or else guessed from the KV-cache fields: full, local (no heavy hitters) or the policy's name.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from lab_helm import helm_cli
+from lab_helm import helm_cli, suite_env
 from lab_helm.evaluate import stat_means
 from lab_helm.paths import BENCHMARK_OUTPUT
 
@@ -45,16 +46,20 @@ def _number(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def row(output_path: Path, suite: str, label: str | None) -> list[str]:
-    summary_path = output_path / "runs" / suite / "generation.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(f"{summary_path} not found: evaluate with ./our_run.sh ... {suite} first")
-    summary = json.loads(summary_path.read_text())
-    means = stat_means(helm_cli.run_dir(output_path, suite) / "stats.json")
+def rows(output_path: Path, suite: str, label: str | None) -> list[list[str]]:
+    models = suite_env.models(suite_env.folder(output_path, suite))
+    if not models:
+        raise FileNotFoundError(f"{output_path / 'runs' / suite} has no evaluation: run ./our_run.sh ... {suite} first")
+    return [row(output_path, suite, model, label) for model in models]
+
+
+def row(output_path: Path, suite: str, model: str, label: str | None) -> list[str]:
+    summary = json.loads(suite_env.summary_path(output_path, suite, model).read_text())
+    means = stat_means(helm_cli.run_dir(output_path, suite, model) / "stats.json")
     kv = summary.get("kv_cache") or {}
     peak = kv.get("mean_kv_bytes_peak")
     return [
-        label or _mode(kv),
+        label or summary.get("point") or _mode(kv),
         _budget(kv),
         _number(means.get("rouge_1"), ".4f"),
         _number(means.get("rouge_2"), ".4f"),
@@ -80,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("suites", nargs="+", metavar="SUITE[=LABEL]")
     args = p.parse_args(argv)
     try:
-        rows = []
+        table = []
         for spec in args.suites:
             suite, _, label = spec.partition("=")
-            rows.append(row(args.output_path, suite, label or None))
+            table += rows(args.output_path, suite, label or None)
     except FileNotFoundError as error:
         print(f"table: error: {error}", file=sys.stderr)
         return 2
-    print(render(rows))
+    print(render(table))
     return 0
 
 
