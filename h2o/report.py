@@ -1,8 +1,11 @@
 """The sweep's report: a table (CSV and Markdown) and plots from the finished points.
 
-Spreads are 95% confidence intervals of a mean over articles (1.96 standard errors). A policy
-"beats" H2O at a budget only when the interval of the per-article difference excludes zero, so
-a reader can tell a real gain from noise.
+A point holds the task's HELM scores (`scores`, per article too) and names the one the report
+ranks by (`main`): ROUGE-2 for XSUM, ROUGE-L for MultiNews, recall for the needle. Spreads are 95%
+confidence intervals of a mean over articles (1.96 standard errors). A policy "beats" H2O at a
+budget only when the interval of the per-article difference excludes zero, so a reader can tell a
+real gain from noise. Needle points also hold each article's (length, depth) cell: the report
+draws recall over that grid for full, h2o and local.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from h2o.models import DEFAULT_MODEL  # noqa: E402
 from h2o.policies import POLICIES  # noqa: E402
 
 KNOWN_POLICIES = tuple(POLICIES)
-COLUMNS = ("policy", "budget", "n", "rouge_1", "rouge_2", "rouge_2_ci95", "rouge_l", "rouge_2_vs_full",
-           "kv_mib_peak", "kv_vs_full", "kl_mean", "agreement", "fidelity_n")
+# Points scored before the tasks named their scores hold XSUM's.
+XSUM_SCORES, XSUM_MAIN = ("rouge_1", "rouge_2", "rouge_l"), "rouge_2"
+SHOWN = {"rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L", "ruler_string_match_part": "recall"}
+PLOT_FILES = {"rouge_2": "rouge2", "rouge_l": "rougel", "ruler_string_match_part": "recall"}
+FIXED_COLUMNS = ("kv_mib_peak", "kv_vs_full", "kl_mean", "agreement", "fidelity_n")
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float]:
@@ -41,17 +47,36 @@ def load(folder: Path) -> list[dict]:
     return sorted(points, key=lambda p: (p["budget"], p["policy"]))
 
 
+def scores(points: list[dict]) -> tuple[tuple[str, ...], str]:
+    """The scores the points hold, in order, and the one the report ranks by."""
+    first = points[0] if points else {}
+    return tuple(first.get("scores", XSUM_SCORES)), first.get("main", XSUM_MAIN)
+
+
+def shown(score: str) -> str:
+    return SHOWN.get(score, score)
+
+
+def columns(points: list[dict]) -> list[str]:
+    names, main = scores(points)
+    out = ["policy", "budget", "n"]
+    for name in names:
+        out += [name, f"{name}_ci95"] if name == main else [name]
+    return out + [f"{main}_vs_full", *FIXED_COLUMNS]
+
+
 def rows(points: list[dict]) -> list[dict]:
+    names, main = scores(points)
     full = next((p for p in points if p["policy"] == "full"), None)
     table = []
     for p in points:
-        rouge_2, ci = _mean_ci(p["per_article"]["rouge_2"])
+        value, ci = _mean_ci(p["per_article"][main])
         kl = p.get("kl_per_article")
         agree = p.get("agreement_per_article")
         table.append({
             "policy": p["policy"], "budget": p["budget"], "n": p["n"],
-            "rouge_1": p.get("rouge_1"), "rouge_2": rouge_2, "rouge_2_ci95": ci, "rouge_l": p.get("rouge_l"),
-            "rouge_2_vs_full": rouge_2 / full["rouge_2"] if full and full.get("rouge_2") else None,
+            **{name: p.get(name) for name in names}, main: value, f"{main}_ci95": ci,
+            f"{main}_vs_full": value / full[main] if full and full.get(main) else None,
             "kv_mib_peak": p["kv_bytes_peak"] / 2**20,
             "kv_vs_full": p["kv_bytes_peak"] / p["kv_bytes_full"],
             "kl_mean": sum(kl) / len(kl) if kl else None,
@@ -84,20 +109,22 @@ def _best_lines(points: list[dict], values, higher_is_better: bool, label: str) 
 
 
 def h2o_against_full(points: list[dict]) -> list[str]:
-    """One line per budget: H2O's ROUGE-2 minus the full cache's, paired over the articles, so a
-    reader sees where H2O holds (within noise of the full cache) and where it does not."""
+    """One line per budget: H2O's main score minus the full cache's, paired over the articles, so
+    a reader sees where H2O holds (within noise of the full cache) and where it does not."""
+    main = scores(points)[1]
     full = next((p for p in points if p["policy"] == "full"), None)
     lines = []
     for p in (p for p in points if p["policy"] == "h2o" and full is not None):
-        mean, ci = _mean_ci([a - b for a, b in zip(p["per_article"]["rouge_2"], full["per_article"]["rouge_2"])])
+        mean, ci = _mean_ci([a - b for a, b in zip(p["per_article"][main], full["per_article"][main])])
         verdict = "holds: within noise" if abs(mean) <= ci else "loses: beyond noise"
         lines.append(f"- {p['budget']:.0%}: {mean:+.4f} ± {ci:.4f} per article ({verdict})")
     return lines
 
 
 def best_per_budget(points: list[dict]) -> list[str]:
-    """One line per budget: the best policy by ROUGE-2, and whether it beats H2O beyond noise."""
-    return _best_lines(points, lambda p: p["per_article"]["rouge_2"], True, "ROUGE-2")
+    """One line per budget: the best policy by the main score, and whether it beats H2O beyond noise."""
+    main = scores(points)[1]
+    return _best_lines(points, lambda p: p["per_article"][main], True, shown(main))
 
 
 def closest_per_budget(points: list[dict]) -> list[str]:
@@ -119,14 +146,16 @@ def markdown(table: list[dict], points: list[dict], settings: dict | None = None
                  f"({settings.get('arch')}), task "
                  f"{settings.get('task')}, weights and activations in {settings.get('dtype')}, chat template "
                  f"{settings.get('chat_template')}; drop mode (evicted tokens leave memory).", ""]
-    head = ("| policy | budget | n | ROUGE-1 | ROUGE-2 (± 95% CI) | ROUGE-L | ROUGE-2 / full | KV MiB peak "
-            "| KV / full | KL (nats) | greedy agreement |")
-    lines = [*title, head, "|" + "---|" * 11]
+    names, main = scores(points)
+    head = ["policy", "budget", "n", *(f"{shown(m)} (± 95% CI)" if m == main else shown(m) for m in names),
+            f"{shown(main)} / full", "KV MiB peak", "KV / full", "KL (nats)", "greedy agreement"]
+    lines = [*title, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
+        values = [f"{_fmt(r[m], '.4f')} ± {_fmt(r[f'{m}_ci95'], '.4f')}" if m == main else _fmt(r[m], ".4f")
+                  for m in names]
         lines.append(
-            f"| {r['policy']} | {r['budget']:.0%} | {r['n']} | {_fmt(r['rouge_1'], '.4f')} "
-            f"| {_fmt(r['rouge_2'], '.4f')} ± {_fmt(r['rouge_2_ci95'], '.4f')} | {_fmt(r['rouge_l'], '.4f')} "
-            f"| {_fmt(r['rouge_2_vs_full'], '.0%')} | {r['kv_mib_peak']:.2f} | {r['kv_vs_full']:.0%} "
+            f"| {r['policy']} | {r['budget']:.0%} | {r['n']} | {' | '.join(values)} "
+            f"| {_fmt(r[f'{main}_vs_full'], '.0%')} | {r['kv_mib_peak']:.2f} | {r['kv_vs_full']:.0%} "
             f"| {_fmt(r['kl_mean'], '.3f')} | {_fmt(r['agreement'], '.0%')} |"
         )
     fidelity_n = max((r["fidelity_n"] for r in table), default=0)
@@ -135,13 +164,13 @@ def markdown(table: list[dict], points: list[dict], settings: dict | None = None
         f"KL and greedy agreement: along the full cache's greedy continuation, teacher-forced, on the "
         f"first {fidelity_n} articles. KV MiB: the peak KV cache per sequence, all layers.",
         "",
-        "Best policy by ROUGE-2 at each budget:",
+        f"Best policy by {shown(main)} at each budget:",
         *best_per_budget(points),
         "",
         "Closest to the full cache (lowest KL) at each budget:",
         *closest_per_budget(points),
         "",
-        "H2O's ROUGE-2 minus the full cache's on the same articles:",
+        f"H2O's {shown(main)} minus the full cache's on the same articles:",
         *h2o_against_full(points),
     ]
     return "\n".join(lines + notes) + "\n"
@@ -161,12 +190,13 @@ def save_figure(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
     plt.close(fig)
 
 
-def plots(folder: Path, table: list[dict]) -> None:
+def plots(folder: Path, table: list[dict], main: str) -> None:
     policies = sorted({r["policy"] for r in table if r["policy"] != "full"})
     full = next((r for r in table if r["policy"] == "full"), None)
     n = max((r["n"] for r in table), default=0)
     panels = [
-        ("rouge2_vs_budget.png", "ROUGE-2", "rouge_2", f"ROUGE-2, mean of {n} articles (95% CI)", "rouge_2_ci95", False),
+        (f"{PLOT_FILES.get(main, main)}_vs_budget.png", shown(main), main,
+         f"{shown(main)}, mean of {n} articles (95% CI)", f"{main}_ci95", False),
         ("kv_vs_budget.png", "Peak KV cache", "kv_mib_peak", "peak KV cache per sequence (MiB)", None, False),
         ("kl_vs_budget.png", "KL to the full cache", "kl_mean", "KL(full || small cache), nats per token", None, True),
     ]
@@ -211,6 +241,57 @@ def kl_by_step_plot(folder: Path, points: list[dict], budget: float = 0.2) -> No
     save_figure(fig, ax, folder / "kl_by_step.png")
 
 
+def grid(point: dict, main: str) -> tuple[list[int], list[int], list[list[float]]]:
+    """Lengths, depths, and the mean score of each (depth, length) cell over its articles."""
+    cells = [tuple(c) for c in point["cells"]]
+    lengths, depths = sorted({c[0] for c in cells}), sorted({c[1] for c in cells})
+    values = {}
+    for cell, value in zip(cells, point["per_article"][main]):
+        values.setdefault(cell, []).append(value)
+    return lengths, depths, [[_mean_ci(values[(n, d)])[0] if (n, d) in values else float("nan") for n in lengths]
+                             for d in depths]
+
+
+def grid_plot(folder: Path, points: list[dict]) -> None:
+    """`needle_grid.png`: the score by haystack length and needle depth, the full cache first, then
+    h2o and local at each budget, one row each."""
+    main = scores(points)[1]
+    celled = [p for p in points if p.get("cells")]
+    full = next((p for p in celled if p["policy"] == "full"), None)
+    kinds = [name for name in ("h2o", "local") if any(p["policy"] == name for p in celled)]
+    budgets = sorted({p["budget"] for p in celled if p["policy"] in kinds})
+    if full is None and not kinds:
+        return
+    fig, axes = plt.subplots(max(len(kinds), 1), 1 + len(budgets), squeeze=False, layout="constrained",
+                             figsize=(2.2 * (1 + len(budgets)) + 1.4, 2.2 * max(len(kinds), 1) + 0.6))
+    image = None
+    for r, name in enumerate(kinds or ["full"]):
+        panels = [(full, "full")] + [(next((p for p in celled if p["policy"] == name and p["budget"] == b), None),
+                                      f"{name} {b:.0%}") for b in budgets]
+        for c, (point, title) in enumerate(panels):
+            ax = axes[r][c]
+            if point is None:
+                ax.axis("off")
+                continue
+            lengths, depths, values = grid(point, main)
+            image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for i, row in enumerate(values):
+                for j, value in enumerate(row):
+                    ax.text(j, i, _fmt(value, ".1f"), ha="center", va="center", fontsize=7,
+                            color="black" if value > 0.6 else "white")
+            ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths] if c == 0 else [])
+            ax.set_title(title, fontsize=9)
+            if c == 0:
+                ax.set_ylabel("needle depth")
+            if r == len(axes) - 1:
+                ax.set_xlabel("length (tokens)")
+    fig.colorbar(image, ax=axes, shrink=0.8, label=shown(main))
+    fig.suptitle(f"{shown(main)} by length and depth ({folder.name})")
+    fig.savefig(folder / "needle_grid.png", dpi=120)
+    plt.close(fig)
+
+
 def summaries(folder: Path) -> None:
     """`summaries.jsonl`: per article (in the task file's order), each point's generated text side
     by side. The HELM results files under results/ are large and stay out of version control."""
@@ -233,11 +314,12 @@ def write(folder: Path) -> None:
         return
     table = rows(points)
     with open(folder / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns(points))
         writer.writeheader()
         writer.writerows(table)
     settings = folder / "settings.json"
     (folder / "results.md").write_text(markdown(table, points, json.loads(settings.read_text()) if settings.exists() else None))
-    plots(folder, table)
+    plots(folder, table, scores(points)[1])
     kl_by_step_plot(folder, points)
+    grid_plot(folder, points)
     summaries(folder)

@@ -127,3 +127,26 @@ def test_summaries_put_every_points_text_side_by_side(tmp_path):
     report.write(tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "summaries.jsonl").read_text().splitlines()]
     assert rows == [{"article": 0, "full": "a", "h2o-20": "c"}, {"article": 1, "full": "b", "h2o-20": "d"}]
+
+
+def test_a_needle_report_ranks_by_recall_and_draws_its_grid(tmp_path):
+    (tmp_path / "points").mkdir()
+    cells = [[1024, 0], [1024, 100], [8192, 0], [8192, 100]] * 2
+    for policy, budget, recall in (("full", 1.0, [1, 1, 1, 1, 1, 1, 1, 0]), ("h2o", 0.1, [1, 0, 1, 0, 1, 1, 0, 0]),
+                                   ("local", 0.1, [0, 1, 0, 1, 0, 1, 0, 1])):
+        record = {"policy": policy, "budget": budget, "n": 8, "scores": ["ruler_string_match_part"],
+                  "main": "ruler_string_match_part", "ruler_string_match_part": sum(recall) / 8,
+                  "per_article": {"ruler_string_match_part": recall}, "cells": cells,
+                  "kv_bytes_peak": 2**20, "kv_bytes_full": 10 * 2**20}
+        (tmp_path / "points" / f"{Point(policy, budget).name}.json").write_text(json.dumps(record))
+    report.write(tmp_path)
+    points = report.load(tmp_path)
+    rows = {r["policy"]: r for r in report.rows(points)}
+    assert rows["h2o"]["ruler_string_match_part_vs_full"] == pytest.approx(0.5 / 0.875)
+    assert "ruler_string_match_part_ci95" in (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert "| recall (± 95% CI) | recall / full |" in (tmp_path / "results.md").read_text()
+    assert report.best_per_budget(points)[0].startswith("- 10%: **h2o** (recall 0.5000")
+    full = next(p for p in points if p["policy"] == "full")
+    assert report.grid(full, "ruler_string_match_part") == ([1024, 8192], [0, 100], [[1.0, 1.0], [1.0, 0.5]])
+    for name in ("recall_vs_budget.png", "needle_grid.png"):
+        assert (tmp_path / name).stat().st_size > 0
