@@ -171,7 +171,7 @@ def one(model: Path, arch: str, inputs: Path, work: Path, placement: str, policy
 
 def same_tokens(a: dict, b: dict) -> dict:
     def texts(row: dict) -> list[str]:
-        return [json.loads(line)["result"]["completions"][0]["text"] for line in open(row["output"])]
+        return [json.loads(line)["result"]["choices"][0]["text"] for line in open(row["output"])]
     left, right = texts(a), texts(b)
     return {"compared": f"{a['placement']} vs {b['placement']} ({a['policy']}, batch {a['batch']})",
             "requests": len(left), "identical": sum(x == y for x, y in zip(left, right))}
