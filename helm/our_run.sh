@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Evaluate run_helm.py results with HELM, offline: XSUM's ROUGE-1/2/L, coverage, density and
-# compression in benchmark_output/runs/<output_name>/ (see README.md in this folder).
+# Evaluate run_helm.py results with HELM, offline, into benchmark_output/runs/<output_name>/ (see
+# README.md in this folder): XSUM's ROUGE-1/2/L, coverage, density and compression; MultiNews's
+# ROUGE-1/2/L (multi_news); the needle's recall (needle).
 #
 #   cd helm && ./our_run.sh [jsonl] [task] [model_arch] [output_name] [max_eval_instances]
 #   cd helm && jsonl=../xsum-llama-h2o.jsonl output_name=xsum-llama-h2o ./our_run.sh
@@ -11,7 +12,7 @@
 #   jsonl               results of run_helm.py        default ../<task>-<model_arch>-full.jsonl
 #                       or points NAME=FILE[,NAME=FILE...]: each file is the model
 #                       h2o-lab/<model_arch>-NAME of the suite, which keeps its other points
-#   task                requests in ../data/<task>.jsonl  default xsum
+#   task                xsum, multi_news or needle: requests in ../data/<task>.jsonl  default xsum
 #   model_arch          deployment h2o-lab/<model_arch>   default llama
 #   output_name         HELM suite, folder under benchmark_output/runs/
 #                                                       default: jsonl's file name less .jsonl
@@ -75,12 +76,12 @@ echo "our_run.sh: ${n} results from ${jsonl} -> ${output_path}/runs/${output_nam
 # 2. HELM computes the metrics; the h2o-lab client answers from each model's results file.
 log=${output_path}/logs/${output_name}.helm-run.log
 if ! helm-run --run-entries "${entries[@]}" --suite "${output_name}" --max-eval-instances "${n}" \
-        --num-threads 1 --disable-cache --exit-on-error \
+        --num-threads 1 --disable-cache --exit-on-error --plugins lab_helm.run_specs \
         --local-path "${env}" --output-path "${output_path}" >"${log}" 2>&1; then
     grep -E "Error|error:" "${log}" | tail -n 3 >&2 || true
     die "helm-run failed; its log: ${log}"
 fi
-"${PYTHON}" -m lab_helm.evaluate check "${files[@]}" --model-arch "${model_arch}" --suite "${output_name}" \
+"${PYTHON}" -m lab_helm.evaluate check "${files[@]}" --task "${task}" --model-arch "${model_arch}" --suite "${output_name}" \
     --output-path "${output_path}" || exit 2
 
 # 3. Summaries for helm-server (runs.json, groups, ...) of the whole suite, under a schema whose

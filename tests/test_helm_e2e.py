@@ -1,8 +1,9 @@
 """our_run.sh end to end, with the network cut: HELM's metrics are rouge-score's on the same texts.
 
 The first test evaluates made-up results (the articles' first words as summaries); the second
-generates with run_helm.py (embedded SmolLM2) for full, h2o and local first. Both cut the network
-with `unshare -n` (or `unshare -rn`) and skip where that is impossible.
+generates with run_helm.py (embedded SmolLM2) for full, h2o and local first; the last two score
+made-up results of the long-input tasks, MultiNews (ROUGE) and the needle (recall). All cut the
+network with `unshare -n` (or `unshare -rn`) and skip where that is impossible.
 LAB_HELM_E2E_N sets how many requests the generation test makes (default 2).
 """
 
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "helm"))
 
 from lab_helm import testing  # noqa: E402
+from lab_helm.tasks import get_task  # noqa: E402
 
 METRICS = ("rouge_1", "rouge_2", "rouge_l", "summarization_coverage", "summarization_density",
            "summarization_compression")
@@ -93,3 +95,40 @@ def test_generate_then_evaluate_full_h2o_local(tmp_path):
     assert table.returncode == 0, table.stderr
     modes = [line.split("|")[1].strip() for line in table.stdout.splitlines()[2:]]
     assert modes == ["full", "h2o", "local"], table.stdout
+
+
+@needs_net_cut
+def test_our_run_scores_multi_news_by_rouge(tmp_path):
+    n = 2
+    examples = get_task("multi_news").load()[:n]
+    predictions = [testing.lead(e["context"], 60) for e in examples]
+    results_file = testing.write_results(
+        tmp_path / "multi_news-llama-lead.jsonl",
+        [(r, testing.fake_result(p)) for r, p in zip(testing.requests(n, "multi_news"), predictions)])
+    out = tmp_path / "benchmark_output"
+    done = testing.our_run(str(results_file), "multi_news", output_path=out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{n} requests evaluated: rouge_1=" in done.stdout
+    for metric, rouge_type in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL")):
+        expected = testing.expected_rouge(predictions, [e["summary"] for e in examples], rouge_type)
+        assert testing.stat_mean(out, "multi_news-llama-lead", metric) == pytest.approx(expected, abs=1e-12), metric
+    assert (out / "runs" / "multi_news-llama-lead" / "runs.json").exists()
+
+
+@needs_net_cut
+def test_our_run_scores_the_needle_by_recall(tmp_path):
+    examples = get_task("needle").load()[:3]
+    answers = [f" The special magic number is {examples[0]['value']}.", f" It is {examples[0]['value']}.",
+               f" {examples[2]['value']}"]  # the second names another example's number
+    results_file = testing.write_results(
+        tmp_path / "needle-llama-made-up.jsonl",
+        [(r, testing.fake_result(a)) for r, a in zip(testing.requests(3, "needle"), answers)])
+    out = tmp_path / "benchmark_output"
+    done = testing.our_run(str(results_file), "needle", output_path=out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert testing.stat_mean(out, "needle-llama-made-up", "ruler_string_match_part") == pytest.approx(2 / 3)
+    table = subprocess.run([str(ROOT / "helm" / "lab_table.sh"), "--output-path", str(out), "needle-llama-made-up"],
+                           capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    header, _, row = table.stdout.splitlines()
+    assert "ruler_string_match_part" in header and "0.6667" in row

@@ -4,13 +4,15 @@
             [--task xsum] [--model-arch llama] [--n N]
         Checks each results file against the requests HELM will ask for (the first N lines of
         data/<task>.jsonl; N defaults to the fewest results of the files), then stages the run:
-        the scenario pickle of the first N articles, HELM's eval-cache files, the suite's prod_env
+        the scenario pickle of the first N examples, HELM's eval-cache files (XSUM), the suite's prod_env
         (lab_helm.suite_env: a model per file) and generation-<model>.json (KV cache and speed of
         the generation) in runs/<suite>/. A --jsonl suite holds that one file, so it is emptied
         first; --point adds to the suite, replacing only the points named. Prints N, the prod_env
         folder and the run entries, one a line.
-    python -m lab_helm.evaluate check (--jsonl FILE | --point NAME=FILE ...) --suite NAME [--model-arch llama]
-        After helm-run: the requests HELM made are exactly the results file's; prints the metrics.
+    python -m lab_helm.evaluate check (--jsonl FILE | --point NAME=FILE ...) --suite NAME [--task xsum]
+            [--model-arch llama]
+        After helm-run: the requests HELM made are exactly the results file's; prints the task's
+        metrics.
 
 Errors are one line each, prefixed `our_run.sh: error:`, with exit status 2.
 """
@@ -30,11 +32,9 @@ from helm.common.request import Request
 from lab_helm import helm_cli, results, scenario_data, suite_env
 from lab_helm.paths import BENCHMARK_OUTPUT
 from lab_helm.requests import request_dict
-from lab_helm.tasks import Task, get_task, model_archs, read_articles
+from lab_helm.tasks import Task, get_task, model_archs
 
 PROG = "our_run.sh"
-METRICS = ("rouge_1", "rouge_2", "rouge_l", "summarization_coverage", "summarization_density",
-           "summarization_compression")
 
 # HELM's SummarizationMetric looks up human ratings and QAFactEval scores for the outputs of
 # HELM's own 2022 models, keyed by their deployment names, and downloads the files that hold
@@ -145,7 +145,7 @@ def prepare(args: argparse.Namespace) -> None:
     n = args.n if args.n is not None else min(len(requests), *(len(r) for r in loaded))
     if not 1 <= n <= len(requests):
         raise UsageError(f"max_eval_instances must be between 1 and {len(requests)}, got {n}")
-    names = [a["id"] for a in read_articles(task)[:n]]
+    names = [a["id"] for a in task.load()[:n]]
     asked = f"{task.run_entry}, the first {n} requests of data/{task.requests.name}"
     ordered = [results.match(requests[:n], records, p.results, asked, names) for p, records in zip(todo, loaded)]
 
@@ -153,8 +153,10 @@ def prepare(args: argparse.Namespace) -> None:
     models = [p.model(args.model_arch) for p in todo]
     _clear(output, args.suite, None if args.jsonl is not None else models)
     suite_dir = output / "runs" / args.suite
+    suite_dir.mkdir(parents=True, exist_ok=True)
     scenario_data.write(task, output, n)
-    write_eval_cache(suite_dir, task)
+    if task.summarization_eval_cache:
+        write_eval_cache(suite_dir, task)
     env = suite_env.folder(output, args.suite)
     for point, records, model in zip(todo, ordered, models):
         summary = generation_summary(records, point.results)
@@ -179,17 +181,18 @@ def stat_means(stats_path: Path) -> dict[str, float]:
 
 
 def check(args: argparse.Namespace) -> None:
+    task = get_task(args.task)
     for point in points(args):
         run = helm_cli.run_dir(args.output_path, args.suite, point.model(args.model_arch))
         state = json.loads((run / "scenario_state.json").read_text())
         asked = [request_dict(dacite.from_dict(Request, rs["request"])) for rs in state["request_states"]]
         results.match(asked, results.load(point.results), point.results, f"{run.name}, {len(asked)} requests")
         means = stat_means(run / "stats.json")
-        missing = [m for m in METRICS if m not in means]
+        missing = [m for m in task.metrics if m not in means]
         if missing:
             raise UsageError(f"{run / 'stats.json'} lacks {', '.join(missing)}")
         print(f"{point.name + ': ' if point.name else ''}{len(asked)} requests evaluated: "
-              + ", ".join(f"{m}={means[m]:.4f}" for m in METRICS))
+              + ", ".join(f"{m}={means[m]:.4f}" for m in task.metrics))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--suite", required=True)
         s.add_argument("--output-path", default=str(BENCHMARK_OUTPUT))
         s.add_argument("--model-arch", default="llama")
+        s.add_argument("--task", default="xsum")
         if name == "prepare":
-            s.add_argument("--task", default="xsum")
             s.add_argument("--n", type=int, default=None)
     args = p.parse_args(argv)
     try:

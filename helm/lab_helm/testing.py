@@ -15,8 +15,8 @@ REQUESTS = DATA / "xsum.jsonl"
 ARTICLES = DATA / "xsum" / "xsum_test_500.jsonl"
 
 
-def requests(n: int | None = None) -> list[dict]:
-    with open(REQUESTS, encoding="utf-8") as f:
+def requests(n: int | None = None, task: str = "xsum") -> list[dict]:
+    with open(DATA / f"{task}.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line)["request"] for line in f if line.strip()]
     return rows[:n] if n else rows
 
