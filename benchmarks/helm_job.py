@@ -1,17 +1,19 @@
 """The XSUM job as users run it, on one GPU: run_helm.py's own code path (`h2o.run.run`) over the
 500 requests of data/xsum.jsonl, for the reference engine and the fast engine (full, h2o, local).
+`--task multi_news` runs the 200 long requests of data/multi_news.jsonl instead, each with its own
+max_tokens (512: the random weights never stop early, so every request generates all of them).
 
 LLaMA-7B shape with random fp16 weights built on the GPU (speed does not depend on weight values;
 the model is built once and its load reported apart), SmolLM2's tokenizer (so the prompts have
 their real lengths) and the requests as HELM asks them (temperature 0.3, stop "###"), except that
 each request's max_tokens is the token length of a full-cache summary in
 reports/xsum-smollm2/summaries.jsonl (cycled over the 500), so that output lengths vary as real
-ones do. Per run: generated tokens over generation seconds, the fast engine's prefill and decode
+ones do (XSUM only). Per run: generated tokens over generation seconds, the fast engine's prefill and decode
 seconds, and the fraction of the compute floor (2 x parameters that multiply each token x
 (prompt + generated tokens) over the card's measured fp16 matrix-product rate). Writes
 <out>/<date>-helm-job-<label>.json and .md and prints the table.
 
-    python benchmarks/helm_job.py --tokenizer <folder with SmolLM2's tokenizer> --label h100
+    python benchmarks/helm_job.py --tokenizer <folder with SmolLM2's tokenizer> --label h100 [--task multi_news]
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="folder with SmolLM2's tokenizer files")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--label", default="gpu")
-    p.add_argument("--n", type=int, default=500, help="requests of data/xsum.jsonl")
+    p.add_argument("--task", default="xsum", choices=("xsum", "multi_news", "needle"), help="data/<task>.jsonl")
+    p.add_argument("--n", type=int, default=500, help="the task's first requests (all it has, if fewer)")
     p.add_argument("--fast", default="full:64,128,256;h2o:64,128,256,384;local:128,256,384",
                    help="policy:batches;... for the fast engine")
     p.add_argument("--reference", default="h2o:32,64", help="policy:batches;... for the reference engine")
@@ -54,17 +57,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def requests_file(tokenizer, n: int, folder: Path) -> Path:
-    """data/xsum.jsonl's first n requests, max_tokens from the committed full-cache summaries."""
-    summaries = [json.loads(line)["full"] for line in (ROOT / "reports/xsum-smollm2/summaries.jsonl").open()]
-    lengths = [max(1, len(tokenizer(text, add_special_tokens=False).input_ids)) for text in summaries]
-    path = folder / "xsum-job.jsonl"
-    with path.open("w") as out, (ROOT / "data/xsum.jsonl").open() as source:
+def requests_file(tokenizer, task: str, n: int, folder: Path) -> Path:
+    """data/<task>.jsonl's first n requests; XSUM's with max_tokens from the committed full-cache
+    summaries, the others' as they are."""
+    lengths = None
+    if task == "xsum":
+        summaries = [json.loads(line)["full"] for line in (ROOT / "reports/xsum-smollm2/summaries.jsonl").open()]
+        lengths = [max(1, len(tokenizer(text, add_special_tokens=False).input_ids)) for text in summaries]
+    path = folder / f"{task}-job.jsonl"
+    with path.open("w") as out, (ROOT / "data" / f"{task}.jsonl").open() as source:
         for i, line in enumerate(source):
             if i == n:
                 break
             record = json.loads(line)
-            record["request"]["max_tokens"] = lengths[i % len(lengths)]
+            if lengths:
+                record["request"]["max_tokens"] = lengths[i % len(lengths)]
             out.write(json.dumps(record) + "\n")
     return path
 
@@ -146,9 +153,11 @@ def plan(text: str) -> list[tuple[str, int]]:
 
 
 def markdown(env: dict, rows: list[dict]) -> str:
+    requests = ("XSUM requests (temperature 0.3), max_tokens from full-cache summaries" if env["task"] == "xsum"
+                else f"{env['task']} requests as exported (greedy, their max_tokens)")
     lines = [f"{env['card']}, torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}, "
              f"{env['date']}; fp16 matrix product {env['matmul_TFLOPs']} TFLOP/s; LLaMA-7B shape, random fp16, "
-             f"SmolLM2 tokenizer, XSUM requests (temperature 0.3), max_tokens from full-cache summaries",
+             f"SmolLM2 tokenizer, {requests}",
              "", "| engine | policy | batch | requests | generated | tok/s | seconds | prefill s | decode s "
              "| prefill TFLOP/s | padding | floor fraction | peak GiB |", "|" + "---|" * 13]
     for r in rows:
@@ -176,14 +185,16 @@ def main() -> None:
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
            "triton": getattr(sys.modules.get("triton"), "__version__", None), "python": platform.python_version(),
-           "matmul_TFLOPs": round(rate / 1e12, 1), "model_build_s": round(load_s, 1), "layers": args.layers}
+           "matmul_TFLOPs": round(rate / 1e12, 1), "model_build_s": round(load_s, 1), "layers": args.layers,
+           "task": args.task}
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        inputs = requests_file(tokenizer, args.n, Path(folder))
+        inputs = requests_file(tokenizer, args.task, args.n, Path(folder))
+        available = sum(1 for _ in inputs.open())
         # Warm-up: kernels compiled, allocator settled.
         one_run(model, tokenizer, inputs, "fast", "h2o", 8, 8, "eager", rate, multiplied)
-        for engine, runs, n in (("fast", plan(args.fast), args.n),
-                                ("reference", plan(args.reference), args.reference_n)):
+        for engine, runs, n in (("fast", plan(args.fast), available),
+                                ("reference", plan(args.reference), min(args.reference_n, available))):
             for policy, batch in runs:
                 row = one_run(model, tokenizer, inputs, engine, policy, batch, n, args.reference_attention, rate,
                               multiplied)
@@ -191,7 +202,7 @@ def main() -> None:
                 rows.append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{env['date'][:10]}-helm-job-{args.label}"
+    stem = f"{env['date'][:10]}-helm-job-{args.label}" + ("" if args.task == "xsum" else f"-{args.task}")
     (out / f"{stem}.json").write_text(json.dumps({"environment": env, "runs": rows}, indent=1) + "\n")
     table = markdown(env, rows)
     (out / f"{stem}.md").write_text(table)
