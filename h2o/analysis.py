@@ -1,14 +1,17 @@
 """Where a policy's loss comes from: how much of the attention the summary pays to the prompt
 survives the policy's compression of the prompt.
 
-    python -m h2o.analysis [--n 20] [--budgets 0.04,0.2] [--policies h2o,local,...] [--dtype bfloat16]
+    python -m h2o.analysis [--n 20] [--budgets 0.04,0.2] [--policies h2o,local,...] [--dtype bfloat16] [--device cuda]
+
+(`python -m h2o.sweep --analysis_n N` runs it too, in its generate stage, on the sweep's points.)
 
 Per article, the full cache teacher-forces the full cache's greedy summary and records, for each
 layer and KV head, the attention every prompt token receives from the summary's queries (summed
 over the query heads sharing the KV head, as the policies score). Each policy then reads the
 prompt alone and evicts once, as it does before the first summary token; its *recall* is the
 share of the summary's attention that falls on the prompt tokens it kept. An oracle that knew
-the summary keeps the same number of tokens, the most attended: the ceiling at that budget.
+the summary keeps the same number of tokens in each layer and KV head (a policy's own numbers,
+where layers or heads differ), the most attended: the ceiling at that budget.
 Later evictions (during the summary) are not counted; the prompt is most of the cache.
 
 GQA what-if: beside each `h2o` point, `h2o-group-max` makes the same first eviction with the
@@ -29,7 +32,10 @@ import torch
 from h2o import models, report
 from h2o.generation import Decoder, Eviction
 from h2o.policies import Budget, Policy
-from h2o.sweep import POLICIES, Point, _write_json, add_model_flags, greedy_continuations, report_folder, task_prompts
+from h2o.sweep import points as points_of
+from h2o.sweep import (
+    POLICIES, Point, _write_json, add_model_flags, greedy_continuations, report_folder, task_prompts,
+)
 
 DECILES = 10
 SINKS = 4  # "the first tokens", as StreamingLLM's default
@@ -54,7 +60,7 @@ def summary_attention(model, prompt: list[int], continuation: list[int]) -> torc
     for token in continuation[:-1]:
         decoder.step(torch.tensor([token]))
     after = torch.stack([layer.scores[0, :, :length] for layer in decoder.cache.layers])
-    return (after - before).float()
+    return (after - before).float().cpu()
 
 
 @torch.inference_mode()
@@ -100,10 +106,12 @@ def recall(mass: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return ((mass * kept).sum(-1) / mass.sum(-1).clamp(min=1e-12)).mean(-1)
 
 
-def oracle(mass: torch.Tensor, count: int) -> torch.Tensor:
-    """The `count` tokens per (layer, head) the summary attends most."""
-    kept = torch.zeros_like(mass, dtype=torch.bool)
-    return kept.scatter_(-1, mass.topk(min(count, mass.shape[-1]), dim=-1).indices, True)
+def oracle(mass: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """The tokens per (layer, head) the summary attends most: `count` of them, or (layers, heads)
+    counts."""
+    order = mass.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(mass.shape[-1]).expand_as(order))
+    return rank < torch.as_tensor(count)[..., None]
 
 
 def deciles(weights: torch.Tensor) -> list[float]:
@@ -136,10 +144,10 @@ def analyse(model, prompts: list[list[int]], continuations: list[list[int]], poi
         summary_deciles.append(deciles(mass))
         per_head = prompt_attention_by_head(model, prompt) if any(p.policy == "h2o" for p in points) else None
         for point, kept in _kept_sets(model, prompt, points, per_head):
-            entry = by_point.setdefault(point.name, {"policy": point.policy, "budget": point.budget,
+            entry = by_point.setdefault(point.name, {"policy": point.label, "budget": point.budget,
                                                      "layers": [], "oracle_layers": [], "deciles": []})
             entry["layers"].append(recall(mass, kept).tolist())
-            entry["oracle_layers"].append(recall(mass, oracle(mass, int(kept.sum(-1).max()))).tolist())
+            entry["oracle_layers"].append(recall(mass, oracle(mass, kept.sum(-1))).tolist())
             entry["deciles"].append(deciles(kept))
     mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]  # noqa: E731
     results = []
@@ -205,6 +213,18 @@ def plot(analysis: dict, folder: Path, budget: float) -> None:
     report.save_figure(fig, ax, folder / "recall_by_layer.png")
 
 
+def write(folder: Path, model, tokenizer, args: argparse.Namespace, points: list[Point], n: int) -> None:
+    """The analysis of `points` on the task's first `n` articles: analysis.json, .md and the plot
+    (at the budget closest to 20%) in `folder`."""
+    requests, prompts = task_prompts(args, tokenizer, n)
+    continuations = greedy_continuations(model, tokenizer, requests, prompts, [[i] for i in range(len(prompts))])
+    analysis = {"dtype": args.dtype, "device": str(model.device), "names": [p.name for p in points],
+                **analyse(model, prompts, continuations, points)}
+    _write_json(folder / "analysis.json", analysis)
+    (folder / "analysis.md").write_text(markdown(analysis, folder))
+    plot(analysis, folder, min({p.budget for p in points}, key=lambda b: abs(b - 0.2)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
@@ -212,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.04, 0.2])
     p.add_argument("--policies", type=lambda s: s.split(","),
                    default=list(POLICIES))
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     args = p.parse_args(argv)
     if args.n < 1 or any(not 0 < b < 1 for b in args.budgets):
         print("analysis: error: --n must be at least 1 and --budgets lie in (0, 1)", file=sys.stderr)
         return 2
-    points = [Point(policy, budget) for budget in args.budgets for policy in args.policies]
     try:
+        points = points_of(args.policies, args.budgets)[1:]  # the full cache is no point here
         for point in points:
             point.eviction()
         tokenizer, _ = models.load_tokenizer(args.model, args.arch)
@@ -226,13 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     folder = report_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
-    model = models.load_model(args.model, "cpu", args.dtype)
-    requests, prompts = task_prompts(args, tokenizer, args.n)
-    continuations = greedy_continuations(model, tokenizer, requests, prompts, [[i] for i in range(len(prompts))])
-    analysis = {"dtype": args.dtype, **analyse(model, prompts, continuations, points)}
-    _write_json(folder / "analysis.json", analysis)
-    (folder / "analysis.md").write_text(markdown(analysis, folder))
-    plot(analysis, folder, min(args.budgets, key=lambda b: abs(b - 0.2)))
+    write(folder, models.load_model(args.model, args.device, args.dtype), tokenizer, args, points, args.n)
     print(f"analysis: {folder / 'analysis.md'}")
     return 0
 

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from h2o import jsonl  # noqa: E402
+from h2o import jsonl, paired  # noqa: E402
 from h2o.models import DEFAULT_MODEL  # noqa: E402
 from h2o.policies import POLICIES  # noqa: E402
 
@@ -30,7 +30,7 @@ KNOWN_POLICIES = tuple(POLICIES)
 XSUM_SCORES, XSUM_MAIN = ("rouge_1", "rouge_2", "rouge_l"), "rouge_2"
 SHOWN = {"rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L", "ruler_string_match_part": "recall"}
 PLOT_FILES = {"rouge_2": "rouge2", "rouge_l": "rougel", "ruler_string_match_part": "recall"}
-FIXED_COLUMNS = ("kv_mib_peak", "kv_vs_full", "kl_mean", "agreement", "fidelity_n")
+FIXED_COLUMNS = ("kv_mib_budget", "kv_mib_peak", "kv_vs_full", "kl_mean", "agreement", "fidelity_n")
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float]:
@@ -77,6 +77,8 @@ def rows(points: list[dict]) -> list[dict]:
             "policy": p["policy"], "budget": p["budget"], "n": p["n"],
             **{name: p.get(name) for name in names}, main: value, f"{main}_ci95": ci,
             f"{main}_vs_full": value / full[main] if full and full.get(main) else None,
+            # Points generated before the budget's bytes were recorded have none.
+            "kv_mib_budget": p["kv_bytes_budget"] / 2**20 if "kv_bytes_budget" in p else None,
             "kv_mib_peak": p["kv_bytes_peak"] / 2**20,
             "kv_vs_full": p["kv_bytes_peak"] / p["kv_bytes_full"],
             "kl_mean": sum(kl) / len(kl) if kl else None,
@@ -148,21 +150,27 @@ def markdown(table: list[dict], points: list[dict], settings: dict | None = None
                  f"{settings.get('chat_template')}; drop mode (evicted tokens leave memory).", ""]
     names, main = scores(points)
     head = ["policy", "budget", "n", *(f"{shown(m)} (± 95% CI)" if m == main else shown(m) for m in names),
-            f"{shown(main)} / full", "KV MiB peak", "KV / full", "KL (nats)", "greedy agreement"]
+            f"{shown(main)} / full", "KV MiB budget", "KV MiB peak", "KV / full", "KL (nats)", "greedy agreement"]
     lines = [*title, "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         values = [f"{_fmt(r[m], '.4f')} ± {_fmt(r[f'{m}_ci95'], '.4f')}" if m == main else _fmt(r[m], ".4f")
                   for m in names]
         lines.append(
             f"| {r['policy']} | {r['budget']:.0%} | {r['n']} | {' | '.join(values)} "
-            f"| {_fmt(r[f'{main}_vs_full'], '.0%')} | {r['kv_mib_peak']:.2f} | {r['kv_vs_full']:.0%} "
+            f"| {_fmt(r[f'{main}_vs_full'], '.0%')} | {_fmt(r['kv_mib_budget'], '.2f')} | {r['kv_mib_peak']:.2f} | {r['kv_vs_full']:.0%} "
             f"| {_fmt(r['kl_mean'], '.3f')} | {_fmt(r['agreement'], '.0%')} |"
         )
     fidelity_n = max((r["fidelity_n"] for r in table), default=0)
     notes = [
         "",
         f"KL and greedy agreement: along the full cache's greedy continuation, teacher-forced, on the "
-        f"first {fidelity_n} articles. KV MiB: the peak KV cache per sequence, all layers.",
+        f"first {fidelity_n} articles. KV MiB, per sequence over all layers: budget, what the cache holds once "
+        "the prompt is evicted (every layer's heavy hitters and recent window: the same for policies that "
+        "spend H2O's memory by layer or by head); peak, the most it held, prompt included, as the engine "
+        "measured it.",
+        "",
+        f"Each policy against H2O, paired per article, on all articles and on those held out from the choice "
+        f"of knobs (articles {paired.TUNED_ON} on): [paired.md](paired.md).",
         "",
         f"Best policy by {shown(main)} at each budget:",
         *best_per_budget(points),
@@ -323,3 +331,4 @@ def write(folder: Path) -> None:
     kl_by_step_plot(folder, points)
     grid_plot(folder, points)
     summaries(folder)
+    paired.write(folder, points)

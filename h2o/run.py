@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=sorted(POLICIES), default="h2o",
                    help="which tokens a small cache keeps (h2o is the paper's)")
     p.add_argument("--sink_size", type=int, default=4, help="first tokens kept by --policy sink and h2o-sink")
+    p.add_argument("--shrink", type=float, default=None,
+                   help="--policy h2o-shrink: a token's attention per later query, shrunk by this share "
+                        "of the tokens seen (default 0.25)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="fast: static slots, continuous batching, CUDA graphs; reference: the readable "
                         "oracle (mask mode, --attention); auto: fast wherever it can serve")
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None, model: PreTrainedModel | None = None) ->
         with results.stop_on_signals():
             _check(args)
             options = {"sink_size": args.sink_size} if issubclass(POLICIES[args.policy], WithSinks) else {}
+            if args.shrink is not None:
+                if POLICIES[args.policy].knob != "shrink":
+                    raise ValueError(f"--shrink: only for --policy h2o-shrink, not {args.policy}")
+                options["shrink"] = args.shrink
             policy = (make_policy(args.policy, args.heavy_ratio, args.recent_ratio, **options)
                       if args.enable_small_cache else None)
             requests = helm_io.read_requests(args.input_path)[: args.sample_num]

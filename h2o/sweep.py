@@ -30,7 +30,7 @@ import transformers
 
 from h2o import helm_io, jsonl, models, policies, report
 from h2o.fidelity import against_full, full_reference
-from h2o.generation import Eviction, Sampling, generate
+from h2o.generation import Eviction, Sampling, generate, kv_bytes_per_token
 from h2o.policies import make_policy
 from h2o.run import encode
 from h2o.run import main as run_helm
@@ -41,18 +41,28 @@ sys.path.insert(0, str(ROOT / "helm"))  # lab_helm: where HELM's output lives an
 from lab_helm.helm_cli import run_dir  # noqa: E402  (lab_helm.paths and .helm_cli need no HELM)
 from lab_helm.paths import BENCHMARK_OUTPUT  # noqa: E402
 
-BUDGETS = (0.04, 0.10, 0.20, 0.40, 0.60)
-POLICIES = ("h2o", "local", "sink", "tova", "h2o-avg", "h2o-sink")
+BUDGETS = (0.04, 0.10, 0.20, 0.40)
+POLICIES = ("h2o", "local", "sink", "tova", "h2o-avg", "h2o-sink", "knorm", "snapkv", "pyramidkv", "adakv",
+            "h2o-shrink")
 
 
 @dataclass(frozen=True)
 class Point:
     policy: str  # a registered policy, or "local" (h2o with no heavy hitters), or "full"
     budget: float  # share of the prompt kept; 1.0 for the full cache
+    knob: float | None = None  # the policy's `knob` option; None: the policy's default
+
+    @property
+    def label(self) -> str:
+        """The policy as the report names it: `h2o-shrink:0.5` for a knob's value."""
+        return self.policy if self.knob is None else f"{self.policy}:{self.knob:g}"
 
     @property
     def name(self) -> str:
-        return "full" if self.policy == "full" else f"{self.policy}-{round(self.budget * 100):02d}"
+        return "full" if self.policy == "full" else f"{self.label.replace(':', '_')}-{round(self.budget * 100):02d}"
+
+    def options(self) -> dict:
+        return {} if self.knob is None else {policies.POLICIES[self.policy].knob: self.knob}
 
     def ratios(self) -> tuple[float, float]:
         """(heavy, recent): a policy on the paper's heavy + recent budget (H2O and its variants)
@@ -67,16 +77,31 @@ class Point:
             return []
         heavy, recent = self.ratios()
         policy = "h2o" if self.policy == "local" else self.policy
+        knob = [item for key, value in self.options().items() for item in (f"--{key}", repr(value))]
         return ["--enable_small_cache", "--policy", policy,
-                "--heavy_ratio", repr(heavy), "--recent_ratio", repr(recent)]
+                "--heavy_ratio", repr(heavy), "--recent_ratio", repr(recent), *knob]
 
     def eviction(self) -> Eviction:
         heavy, recent = self.ratios()
-        return Eviction(make_policy("h2o" if self.policy == "local" else self.policy, heavy, recent), "drop")
+        policy = make_policy("h2o" if self.policy == "local" else self.policy, heavy, recent, **self.options())
+        return Eviction(policy, "drop")
 
 
-def points(names: list[str], budgets: list[float]) -> list[Point]:
-    return [Point("full", 1.0)] + [Point(p, b) for b in budgets for p in names]
+def policy_spec(spec: str) -> tuple[str, float | None]:
+    """`NAME` or `NAME:VALUE` (VALUE for the policy's knob) from --policies."""
+    name, _, value = spec.partition(":")
+    known = name == "local" or name in policies.POLICIES
+    if not known or (value and not policies.POLICIES[name].knob):
+        why = "unknown policy" if not known else f"{name} has no knob to set"
+        raise ValueError(f"--policies {spec}: {why}")
+    try:
+        return name, float(value) if value else None
+    except ValueError:
+        raise ValueError(f"--policies {spec}: {value!r} is not a number") from None
+
+
+def points(specs: list[str], budgets: list[float]) -> list[Point]:
+    return [Point("full", 1.0)] + [Point(s.partition(":")[0], b, policy_spec(s)[1]) for b in budgets for s in specs]
 
 
 def _slug(model: str) -> str:
@@ -112,10 +137,21 @@ def _scores(run: Path) -> dict:
     }
 
 
-def _kv(results: Path) -> dict:
+def _kv(results: Path, point: Point, model) -> dict:
+    """Mean KV bytes per sequence: the peak the run measured, the full cache's, and the budget's
+    (`Policy.held`: what the cache holds once over budget, equal for policies that spend the
+    same memory, whichever engine measured their peak)."""
     lines = [line.record["result"]["kv_cache"] for line in jsonl.objects(results)]
-    mean = lambda key: sum(kv[key] for kv in lines) / len(lines)  # noqa: E731
-    return {"kv_bytes_peak": mean("kv_bytes_peak"), "kv_bytes_full": mean("kv_bytes_full")}
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    layers = model.config.num_hidden_layers
+    per_slot = kv_bytes_per_token(model) // layers  # one token of one layer, every KV head
+    if point.policy == "full":
+        budget = [kv["kv_bytes_full"] for kv in lines]
+    else:
+        policy = point.eviction().policy
+        budget = [policy.held(kv["prompt_tokens"], layers) * per_slot for kv in lines]
+    return {"kv_bytes_peak": mean([kv["kv_bytes_peak"] for kv in lines]),
+            "kv_bytes_full": mean([kv["kv_bytes_full"] for kv in lines]), "kv_bytes_budget": mean(budget)}
 
 
 def report_folder(args: argparse.Namespace) -> Path:
@@ -260,7 +296,8 @@ class Sweep:
                           model=self.loaded.model)
         if status != 0:
             raise SystemExit(status)
-        record = {"policy": point.policy, "budget": point.budget, "n": args.n, **_kv(results)}
+        record = {"policy": point.label, "budget": point.budget, "n": args.n, "knob": point.knob,
+                  **_kv(results, point, self.loaded.model)}
         if point.policy != "full" and args.fidelity_n > 0:
             print(f"{tag}: fidelity on {args.fidelity_n} articles", flush=True)
             self.fidelities = self.fidelities or Fidelities(self.folder, args, self.loaded)
@@ -285,6 +322,21 @@ class Sweep:
         _write_json(self.finished(point), {**{k: generated.pop(k) for k in ("policy", "budget", "n")},
                                            **scores, **generated})
         report.write(self.folder)
+
+
+def analyse(folder: Path, args: argparse.Namespace, loaded: Loaded, todo: list[Point]) -> None:
+    """h2o.analysis on the sweep's points and first --analysis_n articles, unless done."""
+    from h2o import analysis  # it imports this module
+
+    wanted = [p for p in todo if p.policy != "full"]
+    path = folder / "analysis.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before.get("n") == args.analysis_n and before.get("names") == [p.name for p in wanted]:
+            print("analysis: done", flush=True)
+            return
+    print(f"analysis on {args.analysis_n} articles", flush=True)
+    analysis.write(folder, loaded.model, loaded.tokenizer, args, wanted, args.analysis_n)
 
 
 def sweep(args: argparse.Namespace) -> Path:
@@ -313,6 +365,8 @@ def sweep(args: argparse.Namespace) -> Path:
             run.generate(point, tag)
         if scoring:
             run.score(point, tag)
+    if generating and args.analysis_n > 0:
+        analyse(folder, args, run.loaded, todo)
     if scoring:
         report.write(folder)
     return folder
@@ -334,19 +388,24 @@ def main(argv: list[str] | None = None) -> int:
     add_model_flags(p)
     p.add_argument("--n", type=int, default=200, help="articles per point")
     p.add_argument("--fidelity_n", type=int, default=50, help="articles for KL / agreement (0: skip)")
+    p.add_argument("--analysis_n", type=int, default=0,
+                   help="articles for h2o.analysis on the sweep's points, in the generate stage (0: skip)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
-    p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
+    p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES),
+                   help="NAME or NAME:VALUE, VALUE for the policy's knob (h2o-shrink:0.5), comma-separated")
     p.add_argument("--device", default=None, help="where the generate stage runs (default: cuda if present)")
     p.add_argument("--stage", default="all", choices=("generate", "score", "all"),
                    help="generate: what needs the model, no HELM; score: HELM on generated points; all: both")
     args = p.parse_args(argv)
-    unknown = [x for x in args.policies if x != "local" and x not in report.KNOWN_POLICIES]
+    unknown = [x for x in args.policies if x.partition(":")[0] not in ("local", *report.KNOWN_POLICIES)]
     if unknown or any(not 0 < b <= 1 for b in args.budgets):
         print(f"sweep: error: unknown --policies {unknown}" if unknown else
               "sweep: error: --budgets must lie in (0, 1]", file=sys.stderr)
         return 2
     try:
+        for point in points(args.policies, args.budgets)[1:]:
+            point.eviction()  # a knob's value out of range fails here, before anything runs
         folder = sweep(args)
     except (ValueError, FileNotFoundError) as error:  # a bad requests or results file, named with its line
         print(f"sweep: error: {error}", file=sys.stderr)

@@ -94,7 +94,7 @@ def swept(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     argv = ["--model", str(folder), "--n", str(N), "--fidelity_n", str(FIDELITY_N), "--budgets", "0.2",
             "--policies", "h2o,local", "--batch_size", "2", "--device", "cpu", "--reports", str(root / "reports")]
-    generated = _generate_without_helm([*argv, "--stage", "generate"])
+    generated = _generate_without_helm([*argv, "--stage", "generate", "--analysis_n", "2"])
     assert generated.returncode == 0, generated.stderr
     [report] = [p for p in (root / "reports").iterdir() if p.is_dir()]
     assert sorted(p.name for p in (report / "generated").iterdir()) == [f"{n}.json" for n in NAMES]
@@ -234,6 +234,13 @@ def test_a_rerun_skips_every_finished_point(swept, monkeypatch, capsys):
     assert lines == [f"[{i}/3] {name}: done" for i, name in enumerate(["full", "h2o-20", "local-20"], start=1)]
     assert {p.name: p.read_bytes() for p in (report / "points").glob("*.json")} == before
     assert {p.name: p.read_bytes() for p in (report / "results").glob("*.jsonl")} == results
+
+
+def test_the_generate_stage_analyses_the_sweeps_points(swept):
+    analysis = json.loads((swept["report"] / "analysis.json").read_text())
+    assert analysis["n"] == 2 and analysis["device"] == "cpu" and analysis["names"] == ["h2o-20", "local-20"]
+    assert sorted(p["policy"] for p in analysis["points"]) == ["h2o", "h2o-group-max", "local"]
+    assert (swept["report"] / "analysis.md").exists() and (swept["report"] / "recall_by_layer.png").exists()
 
 
 def test_the_score_stage_refuses_incomplete_results_before_scoring_any_point(swept, tmp_path, capsys):

@@ -4,6 +4,7 @@ from h2o.policies.adakv import AdaKV
 from h2o.policies.base import Budget, Observation, Policy, Selection, WithSinks
 from h2o.policies.h2o import H2O
 from h2o.policies.h2o_avg import H2OAverage
+from h2o.policies.h2o_shrink import H2OShrink
 from h2o.policies.h2o_sink import H2OSink
 from h2o.policies.knorm import KNorm
 from h2o.policies.pyramidkv import PyramidKV
@@ -11,7 +12,7 @@ from h2o.policies.sink import Sink
 from h2o.policies.snapkv import SnapKV
 from h2o.policies.tova import TOVA
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (AdaKV, H2O, H2OAverage, H2OSink, KNorm, PyramidKV, Sink, SnapKV, TOVA)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (AdaKV, H2O, H2OAverage, H2OShrink, H2OSink, KNorm, PyramidKV, Sink, SnapKV, TOVA)}
 
 
 def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: object) -> Policy:

@@ -64,6 +64,8 @@ class Policy(ABC):
     reads_key_norms: ClassVar[bool] = False
     # Query rows at a prompt's end whose attention `accumulate` reads apart (`Observation.window`).
     window_rows: ClassVar[int] = 0
+    # The one constructor option a sweep may tune (also run_helm.py's flag of that name), or "".
+    knob: ClassVar[str] = ""
 
     def __init__(self, heavy_ratio: float, recent_ratio: float) -> None:
         for flag, value in (("--heavy_ratio", heavy_ratio), ("--recent_ratio", recent_ratio)):
@@ -87,6 +89,12 @@ class Policy(ABC):
     def layer_budgets(self, budget: Budget, layers: int) -> list[Budget]:
         """Each layer's share of a sequence's budget (the paper: the same in every layer)."""
         return [budget] * layers
+
+    def held(self, prompt_len: int, layers: int) -> int:
+        """Tokens per KV head, summed over the layers, that a sequence's cache holds once over
+        budget: every layer's heavy hitters and recent window (a parked token aside). What two
+        policies compare at equal memory."""
+        return sum(b.total for b in self.layer_budgets(self.budget(prompt_len), layers))
 
     def accumulate(self, scores: torch.Tensor, observed: Observation) -> torch.Tensor:
         """Running score after one forward pass (H2O: attention summed since the prefill)."""

@@ -1,0 +1,44 @@
+"""Policies that budget by layer (pyramidkv) or by head (adakv) spend H2O's KV memory at every
+budget of the sweep: by the report's count (`Policy.held`) and by the slots a drop-mode cache
+really holds."""
+
+import pytest
+import torch
+
+from conftest import random_prompts
+from h2o.generation import Decoder, Eviction
+from h2o.sweep import BUDGETS, Point
+
+SAME_SPLIT = ("h2o", "h2o-avg", "h2o-sink", "h2o-shrink", "knorm", "snapkv", "pyramidkv", "adakv")
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_the_reported_budget_bytes_are_h2os(budget):
+    for n in (37, 250, 519, 1000):
+        h2o = Point("h2o", budget).eviction().policy
+        expected = 30 * (int(budget / 2 * n) + max(1, int(budget / 2 * n)))  # SmolLM2's 30 layers
+        assert h2o.held(n, 30) == expected
+        for name in SAME_SPLIT:
+            assert Point(name, budget).eviction().policy.held(n, 30) == expected, (name, n)
+    pyramid = Point("pyramidkv", budget).eviction().policy
+    per_layer = [b.total for b in pyramid.layer_budgets(pyramid.budget(519), 30)]
+    assert len(set(per_layer)) > 1  # unequal layers, H2O's sum
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.4])
+def test_a_drop_cache_holds_what_the_report_counts(gqa, budget):
+    prompt = random_prompts([120], seed=40)[0]
+    layers, heads = gqa.config.num_hidden_layers, gqa.config.num_key_value_heads
+    held = {}
+    for name in SAME_SPLIT:
+        policy = Point(name, budget).eviction().policy
+        decoder = Decoder(gqa, [prompt], Eviction(policy, "drop"))
+        decoder.prefill()
+        for token in (5, 6, 7):
+            decoder.step(torch.tensor([token]))
+        held[name] = sum(int((layer.positions >= 0).sum()) for layer in decoder.cache.layers)
+        # The window less the coming token's place; H2O's family keeps the token it parks.
+        parked = 0 if policy.parks_leaving_token else -1
+        assert held[name] == (policy.held(len(prompt), layers) + parked * layers) * heads, name
+    assert held["pyramidkv"] == held["snapkv"] == held["adakv"]
+    assert held["h2o-shrink"] == held["h2o"]
