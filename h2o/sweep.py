@@ -114,11 +114,14 @@ def _write_json(path: Path, data: object) -> None:
     os.replace(staging, path)  # a point file is whole or absent
 
 
-def _helm(results: Path, task: str, arch: str, suite: str, n: int) -> dict:
-    """Score a results file with our_run.sh; HELM's means and per-article ROUGE."""
-    subprocess.run(["bash", str(ROOT / "helm" / "our_run.sh"), str(results), task, arch, suite, str(n)],
+def _helm(results: Path, task: str, arch: str, suite: str, point: str, n: int) -> dict:
+    """Score a point's results file with our_run.sh, as the model of that point in the report's one
+    suite (helm-server compares them); HELM's means and per-article ROUGE."""
+    from lab_helm.suite_env import Point as SuitePoint  # the task registry behind it: only the score stage needs it
+
+    subprocess.run(["bash", str(ROOT / "helm" / "our_run.sh"), f"{point}={results}", task, arch, suite, str(n)],
                    check=True, cwd=ROOT / "helm", stdout=subprocess.DEVNULL)
-    return _scores(run_dir(BENCHMARK_OUTPUT, suite))
+    return _scores(run_dir(BENCHMARK_OUTPUT, suite, SuitePoint(point, results).model(arch)))
 
 
 def _scores(run: Path) -> dict:
@@ -318,7 +321,7 @@ class Sweep:
         print(f"{tag}: HELM evaluation", flush=True)
         args = self.args
         generated = json.loads(self.generated(point).read_text())
-        scores = _helm(self.results(point), args.task, args.arch, f"sweep-{self.folder.name}-{point.name}", args.n)
+        scores = _helm(self.results(point), args.task, args.arch, f"sweep-{self.folder.name}", point.name, args.n)
         _write_json(self.finished(point), {**{k: generated.pop(k) for k in ("policy", "budget", "n")},
                                            **scores, **generated})
         report.write(self.folder)

@@ -149,6 +149,15 @@ def test_per_article_rouge_is_rouge_score_on_the_texts_in_article_order(swept, n
     assert point["n"] == N and len(set(point["per_article"]["rouge_1"])) > 1  # articles tell apart
 
 
+def test_helm_shows_every_point_in_the_reports_one_suite(swept):
+    runs = swept["root"] / "benchmark_output" / "runs" / f"sweep-{swept['report'].name}"
+    (table, *_) = json.loads((runs / "groups" / "summarization_xsum.json").read_text())
+    rouge_2 = [h["value"] for h in table["header"]].index("ROUGE-2")
+    shown = {row[0]["value"]: row[rouge_2]["value"] for row in table["rows"]}
+    displays = ["Full cache", "H2O 20% (10% heavy + 10% recent)", "Local 20% (recent window only)"]
+    assert shown == pytest.approx({d: _point(swept["report"], n)["rouge_2"] for d, n in zip(displays, NAMES)})
+
+
 def test_kv_bytes_are_the_results_files(swept):
     report = swept["report"]
     folder = swept["folder"]
