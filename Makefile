@@ -1,10 +1,12 @@
 # Quick start: `make lab` (set-up, then full / h2o / local on XSUM with the embedded SmolLM2,
-# evaluated by HELM) and `make test`. Both create .venv when missing and work offline after.
+# evaluated by HELM; TASK=multi_news or TASK=needle for the long-input tasks) and `make test`.
+# Both create .venv when missing and work offline after.
 PYTHON_SYSTEM ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Articles for `make lab`; LAB_N=500 runs the whole vendored XSUM sample.
+# Task and requests for `make lab`; LAB_N=500 runs the whole vendored XSUM sample.
+TASK ?= xsum
 LAB_N ?= 10
 LAB_BATCH ?= 4
 
@@ -21,7 +23,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt helm/setup_offline.sh
 	touch $(STAMP)
 
 lab: venv
-	LAB_N=$(LAB_N) LAB_BATCH=$(LAB_BATCH) bash scripts/lab.sh
+	LAB_TASK=$(TASK) LAB_N=$(LAB_N) LAB_BATCH=$(LAB_BATCH) bash scripts/lab.sh
 
 test: venv
 	$(PY) -m pytest tests -q

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# `make lab`: full, h2o and local on the first LAB_N XSUM requests with the embedded
-# SmolLM2-135M-Instruct, evaluated by HELM offline as one suite (a model per mode, side by side in
-# helm-server's leaderboard), then one table. Reruns reuse what is done.
+# `make lab`: full, h2o and local on the first LAB_N requests of LAB_TASK (xsum, multi_news or
+# needle; default xsum) with the embedded SmolLM2-135M-Instruct, evaluated by HELM offline as one
+# suite (a model per mode, side by side in helm-server's leaderboard), then one table. Reruns reuse
+# what is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+task=${LAB_TASK:-xsum}
 n=${LAB_N:-20}
 batch=${LAB_BATCH:-4}
+[[ -f data/${task}.jsonl ]] || { echo "lab.sh: LAB_TASK=${task}: no data/${task}.jsonl (xsum, multi_news, needle)" >&2; exit 2; }
 mkdir -p out/lab
 points=()
 for mode in full h2o local; do
-    results=out/lab/xsum-llama-${mode}-${n}.jsonl
-    echo "== ${mode}: generating ${n} XSUM summaries -> ${results}"
-    OUTPUT=${results} bash scripts/helm/${mode}.sh xsum smollm2 llama --sample_num "${n}" --batch_size "${batch}"
+    results=out/lab/${task}-llama-${mode}-${n}.jsonl
+    echo "== ${mode}: generating ${n} ${task} answers -> ${results}"
+    OUTPUT=${results} bash scripts/helm/${mode}.sh "${task}" smollm2 llama --sample_num "${n}" --batch_size "${batch}"
     points+=("${mode}=../${results}")
 done
 suite=lab-${n}
+[[ ${task} == xsum ]] || suite=lab-${task}-${n}
 echo "== HELM evaluation of full, h2o and local -> helm/benchmark_output/runs/${suite}"
-(IFS=,; cd helm && ./our_run.sh "${points[*]}" xsum llama "${suite}")
+(IFS=,; cd helm && ./our_run.sh "${points[*]}" "${task}" llama "${suite}")
 bash helm/lab_table.sh "${suite}"
 echo "== compare them in HELM's viewer: helm/serve_local.sh --suite ${suite}, then http://127.0.0.1:8000"

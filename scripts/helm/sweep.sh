@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Budget sweep: bash scripts/helm/sweep.sh [task] [model] [model_arch] [h2o.sweep flags...]
+# task: xsum (default), multi_news or needle.
 # Full cache, then h2o, local, sink, tova, h2o-avg and h2o-sink at 4, 10, 20, 40 and 60% of the prompt,
 # each scored by HELM and against the full cache; report in reports/<task>-<model>/.
 # Resumable: finished points are never recomputed. Flags: --n (articles, 200), --fidelity_n (50),
