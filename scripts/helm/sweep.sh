@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Budget sweep: bash scripts/helm/sweep.sh [task] [model] [model_arch] [h2o.sweep flags...]
 # task: xsum (default), multi_news or needle.
-# Full cache, then h2o, local, sink, tova, h2o-avg and h2o-sink at 4, 10, 20, 40 and 60% of the prompt,
+# Full cache, then h2o, local and every other registered policy at 4, 10, 20 and 40% of the prompt,
 # each scored by HELM and against the full cache; report in reports/<task>-<model>/.
 # Resumable: finished points are never recomputed. Flags: --n (articles, 200), --fidelity_n (50),
 # --batch_size, --dtype bfloat16, --budgets 0.1,0.2, --policies h2o,local (python -m h2o.sweep --help).
