@@ -187,7 +187,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     job = args.job.split(":")
     if job[0] == "xsum":
-        inputs = requests_file(tokenizer, int(job[1]) if len(job) > 1 else 500, work)
+        inputs = requests_file(tokenizer, "xsum", int(job[1]) if len(job) > 1 else 500, work)
     else:
         inputs = synthetic_requests(tokenizer, int(job[1]), int(job[2]), int(job[3]), work)
     rows = []
