@@ -4,8 +4,8 @@ HELM's default schema (schema_classic.yaml) files XSUM under "Core scenarios" be
 scenarios we never run, and its leaderboard opens on that empty overview. This one has only the
 suite's tasks (lab_helm.tasks, found by their runs' run entries), one group each, first, so the
 leaderboard opens on the first task; a task's first table, "Scores", is the metrics the task
-declares (XSUM: ROUGE-1/2/L, coverage, density, compression), then come efficiency and general
-information. Names, descriptions and display names of groups and metrics are those of the
+declares, its main metric first, by which the page sorts (XSUM: ROUGE-2, ROUGE-1, ROUGE-L,
+coverage, density, compression), then come efficiency and general information. Names, descriptions and display names of groups and metrics are those of the
 installed HELM's schemas (schema_classic.yaml first) where they have them.
 
     python -m lab_helm.schema --suite NAME [--output-path DIR]
@@ -74,7 +74,8 @@ def build(suite_dir: Path) -> dict:
     run_groups, metric_groups = [], []
     for group, task in tasks.items():
         known = known_groups.get(group, {})
-        scores = _metric_group(f"{group}_scores", "Scores", task.metrics)
+        # The main metric first: the leaderboard sorts by the first column.
+        scores = _metric_group(f"{group}_scores", "Scores", (task.main, *(m for m in task.metrics if m != task.main)))
         metric_groups.append(scores)
         run_groups.append({
             "name": group, "display_name": task.name, **{k: known[k] for k in GROUP_FIELDS if k in known},
