@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "helm"))  # lab_helm: where HELM's output lives an
 
 from lab_helm.helm_cli import run_dir  # noqa: E402  (lab_helm.paths and .helm_cli need no HELM)
 from lab_helm.paths import BENCHMARK_OUTPUT  # noqa: E402
+from lab_helm.tasks import TASKS, Task, get_task  # noqa: E402  (no HELM either)
 
 BUDGETS = (0.04, 0.10, 0.20, 0.40)
 POLICIES = ("h2o", "local", "sink", "tova", "h2o-avg", "h2o-sink", "knorm", "snapkv", "pyramidkv", "adakv",
@@ -116,28 +117,33 @@ def _write_json(path: Path, data: object) -> None:
 
 def _helm(results: Path, task: str, arch: str, suite: str, point: str, n: int) -> dict:
     """Score a point's results file with our_run.sh, as the model of that point in the report's one
-    suite (helm-server compares them); HELM's means and per-article ROUGE."""
+    suite (helm-server compares them); HELM's means and per-article scores."""
     from lab_helm.suite_env import Point as SuitePoint  # the task registry behind it: only the score stage needs it
 
     subprocess.run(["bash", str(ROOT / "helm" / "our_run.sh"), f"{point}={results}", task, arch, suite, str(n)],
                    check=True, cwd=ROOT / "helm", stdout=subprocess.DEVNULL)
-    return _scores(run_dir(BENCHMARK_OUTPUT, suite, SuitePoint(point, results).model(arch)))
+    return _scores(run_dir(BENCHMARK_OUTPUT, suite, SuitePoint(point, results).model(arch)), get_task(task))
 
 
-def _scores(run: Path) -> dict:
+def _scores(run: Path, task: Task) -> dict:
+    """The task's scores (names, means, per article in the requests' order) and the one the report
+    ranks by; for the needle, each article's (length, depth) cell too."""
     from lab_helm.evaluate import stat_means  # imports HELM: only the score stage needs it
 
     means = stat_means(run / "stats.json")
     per_article = {}
     for instance in json.loads((run / "per_instance_stats.json").read_text()):
         for stat in instance["stats"]:
-            if stat["name"]["name"] in ("rouge_1", "rouge_2", "rouge_l"):
+            if stat["name"]["name"] in task.scores:
                 per_article.setdefault(stat["name"]["name"], {})[instance["instance_id"]] = stat["mean"]
-    order = sorted(per_article["rouge_2"], key=lambda i: int(re.sub(r"\D", "", i) or 0))
-    return {
-        **{k: means[k] for k in ("rouge_1", "rouge_2", "rouge_l") if k in means},
+    order = sorted(per_article[task.main], key=lambda i: int(re.sub(r"\D", "", i) or 0))  # HELM's id0, id1, ...
+    record = {
+        "scores": list(task.scores), "main": task.main, **{k: means[k] for k in task.scores if k in means},
         "per_article": {k: [v[i] for i in order] for k, v in per_article.items()},
     }
+    if task.name == "needle":
+        record["cells"] = [[e["length"], e["depth"]] for e in task.load()[: len(order)]]
+    return record
 
 
 def _kv(results: Path, point: Point, model) -> dict:
@@ -343,6 +349,10 @@ def analyse(folder: Path, args: argparse.Namespace, loaded: Loaded, todo: list[P
 
 
 def sweep(args: argparse.Namespace) -> Path:
+    available = len(helm_io.read_requests(get_task(args.task).requests))
+    if args.n > available:
+        print(f"--n {args.n}: data/{args.task}.jsonl has {available} requests; a point is all of them", flush=True)
+        args.n = available
     folder = report_folder(args)
     for sub in ("points", "results", "generated"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -377,7 +387,7 @@ def sweep(args: argparse.Namespace) -> Path:
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """What a report is of: task, model, precision, prompt format, and where reports live."""
-    p.add_argument("--task", default="xsum")
+    p.add_argument("--task", default="xsum", choices=sorted(TASKS))
     p.add_argument("--model", default=models.DEFAULT_MODEL)
     p.add_argument("--arch", default="llama")
     p.add_argument("--chat_template", default="auto", choices=("auto", "on", "off"))

@@ -150,3 +150,29 @@ def test_a_needle_report_ranks_by_recall_and_draws_its_grid(tmp_path):
     assert report.grid(full, "ruler_string_match_part") == ([1024, 8192], [0, 100], [[1.0, 1.0], [1.0, 0.5]])
     for name in ("recall_vs_budget.png", "needle_grid.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_the_score_stage_keeps_the_tasks_scores_in_request_order_and_the_needles_cells(tmp_path):
+    from h2o.sweep import _scores
+    from lab_helm.tasks import get_task
+
+    stats = [{"name": {"name": "ruler_string_match_part", "split": "test"}, "mean": 2 / 3}]
+    per_instance = [{"instance_id": f"id{i}", "stats": [{"name": {"name": "ruler_string_match_part"}, "mean": v},
+                                                        {"name": {"name": "num_output_tokens"}, "mean": 9}]}
+                    for i, v in ((10, 0.0), (2, 1.0), (0, 1.0))]  # HELM's order is not the requests'
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    (tmp_path / "per_instance_stats.json").write_text(json.dumps(per_instance))
+    record = _scores(tmp_path, get_task("needle"))
+    assert record["main"] == "ruler_string_match_part" and record["ruler_string_match_part"] == 2 / 3
+    assert record["per_article"] == {"ruler_string_match_part": [1.0, 1.0, 0.0]}
+    assert record["cells"] == [[1024, 0], [1024, 25], [1024, 50]]
+
+
+def test_a_sweep_of_more_articles_than_the_task_has_takes_them_all(tmp_path, monkeypatch, capsys):
+    from h2o import sweep
+
+    seen = []
+    monkeypatch.setattr(sweep.Sweep, "generate", lambda self, point, tag: seen.append(self.args.n))
+    assert sweep.main(["--reports", str(tmp_path), "--task", "needle", "--n", "500", "--policies", "h2o",
+                       "--budgets", "0.2", "--device", "cpu", "--stage", "generate"]) == 0
+    assert seen == [100, 100] and "data/needle.jsonl has 100 requests" in capsys.readouterr().out
