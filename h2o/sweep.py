@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from h2o import helm_io, jsonl, models, policies, report
 from h2o.fidelity import against_full, full_reference
@@ -197,11 +198,11 @@ class Loaded:
         self.args, self.device = args, device
 
     @cached_property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return models.load_tokenizer(self.args.model, self.args.arch)[0]
 
     @cached_property
-    def model(self):
+    def model(self) -> PreTrainedModel:
         return models.load_model(self.args.model, self.device, self.args.dtype)
 
 
