@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.distributed import DistributedConfig
 
 DEFAULT_MODEL = "smollm2"
 # Architectures whose attention goes through transformers' AttentionInterface and a standard Cache.
@@ -133,15 +134,18 @@ def check_tensor_parallel(config: PretrainedConfig, ranks: int) -> None:
 
 def load_model(
     name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32", device_map: str | None = None,
-    tensor_parallel: bool = False,
+    tensor_parallel: int = 0,
 ) -> PreTrainedModel:
-    """The weights, in eval mode on `device`, spread by accelerate's `device_map`, or sharded over
-    the torchrun ranks by transformers' tensor-parallel plan."""
+    """The weights, in eval mode on `device`, spread by accelerate's `device_map`, or sharded by
+    transformers' tensor-parallel plan over the `tensor_parallel` ranks of the default process group."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     where, kwargs = _sources(name)
     if tensor_parallel:
-        return AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], tp_plan="auto", **kwargs).eval()
+        # tp_size given: transformers would take WORLD_SIZE, every rank of torchrun's, for it.
+        plan = DistributedConfig(tp_plan="auto", tp_size=tensor_parallel)
+        return AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], distributed_config=plan,
+                                                    **kwargs).eval()
     if device_map:
         return AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], device_map=device_map, **kwargs).eval()
     model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)

@@ -60,9 +60,10 @@ def parser() -> argparse.ArgumentParser:
                    help="sequences decoded at once (the fast engine refills a row as soon as it ends)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=sorted(models.DTYPES), default="float32")
-    p.add_argument("--tensor_parallel", action="store_true",
-                   help="under torchrun: shard the model over the ranks by transformers' tensor-parallel plan; "
-                        "each rank holds the cache of its own KV heads")
+    p.add_argument("--tensor_parallel", nargs="?", type=int, const=distributed.Ranks.from_env().world, metavar="K",
+                   help="under torchrun: shard the model over K ranks (default: all) by transformers' tensor-parallel "
+                        "plan, each rank holding the cache of its own KV heads; N ranks hold N/K copies of the "
+                        "model, which split the requests as data parallel does")
     p.add_argument("--device_map", default=None,
                    help="accelerate's placement across devices, e.g. auto (a model too large for one GPU)")
     p.add_argument("--chat_template", choices=CHAT_TEMPLATE, default="auto",
@@ -79,10 +80,15 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--sample_num must be at least 1, got {args.sample_num}")
     if args.k < 0:
         raise ValueError(f"--k must be >= 0, got {args.k}")
-    if args.tensor_parallel and args.device_map:
-        raise ValueError("--tensor_parallel and --device_map each place the model: give one")
-    if args.tensor_parallel and distributed.Ranks.from_env().world < 2:
-        raise ValueError("--tensor_parallel: start run_helm.py with torchrun --nproc_per_node N (N >= 2)")
+    if args.tensor_parallel is not None:
+        world = distributed.Ranks.from_env().world
+        if args.device_map:
+            raise ValueError("--tensor_parallel and --device_map each place the model: give one")
+        if world < 2:
+            raise ValueError("--tensor_parallel: start run_helm.py with torchrun --nproc_per_node N (N >= 2)")
+        if not 2 <= args.tensor_parallel <= world or world % args.tensor_parallel:
+            raise ValueError(f"--tensor_parallel {args.tensor_parallel}: K must be 2 to {world} and divide the "
+                             f"{world} ranks")
 
 
 def choose_engine(args: argparse.Namespace, policy: Policy | None) -> tuple[str, str]:
@@ -129,11 +135,11 @@ def main(argv: list[str] | None = None, model: PreTrainedModel | None = None) ->
     sweep's, loaded once for all its points), used instead of loading them again."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parser().parse_args(argv)
-    ranks = distributed.Ranks.from_env()
     output_writer = writer = None
     try:
         with results.stop_on_signals():
             _check(args)
+            ranks = distributed.Ranks.from_env(args.tensor_parallel or 1)
             options = {"sink_size": args.sink_size} if issubclass(POLICIES[args.policy], WithSinks) else {}
             if args.shrink is not None:
                 if POLICIES[args.policy].knob != "shrink":
@@ -155,22 +161,26 @@ def main(argv: list[str] | None = None, model: PreTrainedModel | None = None) ->
             if len(todo) < len(requests):
                 log.info("resuming: %d of %d requests already answered in %s", len(requests) - len(todo),
                          len(requests), args.output_path)
-            if ranks.parallel and not args.tensor_parallel:
-                mine = ranks.share(todo)
-                writer = results.ResultsWriter(ranks.part(args.output_path), [requests[i] for i in mine])
-            elif ranks.rank != 0:  # tensor parallel: every rank serves every request, rank 0 writes
-                writer = results.Discard(requests, todo)
+            # Several groups: each its share, into a part; a group's other ranks serve what its first writes.
+            mine, output = requests, args.output_path
+            if ranks.groups > 1:
+                mine, output = [requests[i] for i in ranks.share(todo)], ranks.part(args.output_path)
+                if ranks.writes:
+                    writer = results.ResultsWriter(output, mine)
+                distributed.barrier(ranks)  # the part is repaired before the rest of its group reads it
+            if not ranks.writes:
+                writer = results.Discard(mine, results.unfinished(output, mine))
             engine, why = choose_engine(args, policy)
             tokenizer, config = models.load_tokenizer(args.model_name, args.model_arch)
             if args.tensor_parallel:
-                models.check_tensor_parallel(config, ranks.world)
+                models.check_tensor_parallel(config, ranks.tp)
             encoded = encode_all(args, tokenizer, config, [(i, writer.requests[i]) for i in writer.todo()])
             log.info("engine: %s (%s)", engine, why)
             torch.manual_seed(args.seed)
             loading = time.perf_counter()
             if model is None:
                 model = models.load_model(args.model_name, device, "float16" if args.fp16 else args.dtype,
-                                          args.device_map, tensor_parallel=args.tensor_parallel)
+                                          args.device_map, tensor_parallel=args.tensor_parallel or 0)
             loaded = time.perf_counter() - loading
             served = run(args, model, tokenizer, encoded, policy, writer, engine)
             log.info("generated %d tokens in %.2f s: %.1f tok/s (model load %.2f s apart)",
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None, model: PreTrainedModel | None = None) ->
                 log.info("%s engine: prefill %.2f s, decode %.2f s", engine, served.engine_stats["prefill_s"],
                          served.engine_stats["decode_s"])
             distributed.barrier(ranks)
-            if ranks.parallel and ranks.rank == 0 and not args.tensor_parallel:
+            if ranks.groups > 1 and ranks.rank == 0:
                 distributed.merge(output_writer, todo, ranks)
     except (ValueError, FileNotFoundError) as error:
         print(f"run_helm.py: error: {error}", file=sys.stderr)
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None, model: PreTrainedModel | None = None) ->
     finally:
         for w in {id(w): w for w in (writer, output_writer) if w is not None}.values():
             w.close()
-        distributed.stop(ranks)
+        distributed.stop()
     return 0
 
 
