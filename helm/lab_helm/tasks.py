@@ -109,7 +109,3 @@ def model_archs() -> list[str]:
     with open(PROD_ENV / "model_deployments.yaml", encoding="utf-8") as f:
         names = [d["name"] for d in yaml.safe_load(f)["model_deployments"]]
     return [n.split("/", 1)[1] for n in names if n.startswith(MODEL_PREFIX + "/")]
-
-
-def read_articles(task: Task) -> list[dict]:
-    return task.load()
