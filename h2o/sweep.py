@@ -121,6 +121,7 @@ def _helm(results: Path, task: str, arch: str, suite: str, point: str, n: int) -
     suite (helm-server compares them); HELM's means and per-article scores."""
     from lab_helm.suite_env import Point as SuitePoint  # the task registry behind it: only the score stage needs it
 
+    results = results.resolve()  # our_run.sh runs in helm/: a path relative to here would miss
     subprocess.run(["bash", str(ROOT / "helm" / "our_run.sh"), f"{point}={results}", task, arch, suite, str(n)],
                    check=True, cwd=ROOT / "helm", stdout=subprocess.DEVNULL)
     return _scores(run_dir(BENCHMARK_OUTPUT, suite, SuitePoint(point, results).model(arch)), get_task(task))
