@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+from cycler import cycler  # noqa: E402
 
 from h2o import jsonl, paired  # noqa: E402
 from h2o.models import DEFAULT_MODEL  # noqa: E402
@@ -185,7 +186,10 @@ def markdown(table: list[dict], points: list[dict], settings: dict | None = None
 
 
 def new_figure() -> tuple[plt.Figure, plt.Axes]:
-    return plt.subplots(figsize=(7.6, 4.2))
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    # Ten colours, then the same ten dotted: a report has more policies than one palette tells apart.
+    ax.set_prop_cycle(cycler(linestyle=["-", ":"]) * cycler(color=plt.get_cmap("tab10").colors))
+    return fig, ax
 
 
 def save_figure(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
