@@ -306,10 +306,18 @@ def grid_plot(folder: Path, points: list[dict]) -> None:
 
 def summaries(folder: Path) -> None:
     """`summaries.jsonl`: per article (in the task file's order), each point's generated text side
-    by side. The HELM results files under results/ are large and stay out of version control."""
-    texts = {}
+    by side. The HELM results files under results/ are large and stay out of version control, so
+    a finished point whose results file is not here (a fresh clone) keeps the texts it had."""
+    texts: dict[str, list[str]] = {}
+    if (folder / "summaries.jsonl").exists():
+        for line in jsonl.objects(folder / "summaries.jsonl"):
+            for name, text in line.record.items():
+                if name != "article":
+                    texts.setdefault(name, []).append(text)
+    finished = {path.stem for path in (folder / "points").glob("*.json")}
     for path in sorted((folder / "results").glob("*.jsonl")):
-        texts[path.stem] = [line.record["result"]["choices"][0]["text"] for line in jsonl.objects(path)]
+        if path.stem in finished:  # an unfinished point's results are partial
+            texts[path.stem] = [line.record["result"]["choices"][0]["text"] for line in jsonl.objects(path)]
     if not texts:
         return
     order = sorted(texts, key=lambda name: (name != "full", name))

@@ -121,12 +121,19 @@ def test_summaries_put_every_points_text_side_by_side(tmp_path):
     (tmp_path / "points").mkdir()
     (tmp_path / "results").mkdir()
     _point(tmp_path, "full", 1.0, [0.1, 0.1])
-    for name, texts in (("full", ["a", "b"]), ("h2o-20", ["c", "d"])):
+    _point(tmp_path, "h2o", 0.2, [0.1, 0.1])
+    for name, texts in (("full", ["a", "b"]), ("h2o-20", ["c", "d"]), ("local-20", ["e", "f"])):
         lines = [json.dumps({"request": {}, "result": {"choices": [{"text": t}]}}) for t in texts]
         (tmp_path / "results" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     report.write(tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "summaries.jsonl").read_text().splitlines()]
+    # local-20 has no finished point: its results may be partial and stay out.
     assert rows == [{"article": 0, "full": "a", "h2o-20": "c"}, {"article": 1, "full": "b", "h2o-20": "d"}]
+    # A fresh clone has no results files: the finished points keep their texts.
+    for path in (tmp_path / "results").iterdir():
+        path.unlink()
+    report.write(tmp_path)
+    assert [json.loads(line) for line in (tmp_path / "summaries.jsonl").read_text().splitlines()] == rows
 
 
 def test_a_needle_report_ranks_by_recall_and_draws_its_grid(tmp_path):
