@@ -154,16 +154,21 @@ def test_run_helm_auto_takes_the_fast_engine_and_resumes_to_the_same_results(tin
         assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=1e-5)
 
 
-def test_run_helm_mask_mode_takes_the_reference_engine(tiny_model_dir, tmp_path, capsys, caplog):
+@pytest.mark.parametrize("flags, why", [
+    (["--kv_mode", "mask"], "mask mode"),
+    (["--policy", "adakv"], "policy adakv has its own selection rule"),
+])
+def test_what_the_fast_engine_cannot_serve_takes_the_reference_engine(tiny_model_dir, tmp_path, capsys, caplog,
+                                                                       flags, why):
     _requests(tmp_path / "in.jsonl", [40, 70])
     common = ["--input_path", str(tmp_path / "in.jsonl"), "--model_name", str(tiny_model_dir), "--device", "cpu",
-              "--enable_small_cache", "--kv_mode", "mask"]
+              "--enable_small_cache", *flags]
     with caplog.at_level("INFO"):
         assert run.main(common + ["--output_path", str(tmp_path / "out.jsonl")]) == 0
-    assert "engine: reference (mask mode" in caplog.text
+    assert f"engine: reference ({why}" in caplog.text
     assert {r["kv_cache"]["engine"] for r in _results(tmp_path / "out.jsonl")} == {"reference"}
     assert run.main(common + ["--output_path", str(tmp_path / "fast.jsonl"), "--engine", "fast"]) == 2
-    assert "--engine fast: mask mode" in capsys.readouterr().err
+    assert f"--engine fast: {why}" in capsys.readouterr().err
     assert not (tmp_path / "fast.jsonl").exists()
 
 
@@ -192,14 +197,3 @@ def test_both_engines_count_the_full_caches_bytes_alike(gqa, tokenizer):
         assert (a.kv_cache["kv_bytes_peak"], a.kv_cache["kv_bytes_full"]) == (
             b.kv_cache["kv_bytes_peak"], b.kv_cache["kv_bytes_full"])
         assert a.kv_cache["kv_bytes_peak"] == a.kv_cache["kv_bytes_full"]
-
-
-def test_a_policy_with_its_own_selection_runs_on_the_reference_engine(tiny_model_dir, tmp_path, capsys, caplog):
-    _requests(tmp_path / "in.jsonl", [40, 70])
-    common = ["--input_path", str(tmp_path / "in.jsonl"), "--model_name", str(tiny_model_dir), "--device", "cpu",
-              "--enable_small_cache", "--policy", "adakv"]
-    with caplog.at_level("INFO"):
-        assert run.main(common + ["--output_path", str(tmp_path / "out.jsonl")]) == 0
-    assert "engine: reference (policy adakv has its own selection rule)" in caplog.text
-    assert run.main(common + ["--output_path", str(tmp_path / "fast.jsonl"), "--engine", "fast"]) == 2
-    assert "--engine fast: policy adakv has its own selection rule" in capsys.readouterr().err
