@@ -216,7 +216,8 @@ class Fidelities:
         requests, self.prompts = task_prompts(args, tokenizer, args.fidelity_n)
         # Batches of similar lengths waste little on padding.
         order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
-        self.batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        size = args.fidelity_batch or args.batch_size
+        self.batches = [order[i : i + size] for i in range(0, len(order), size)]
         cached = folder / "fidelity_reference.json"
         continuations = json.loads(cached.read_text()) if cached.exists() else []
         if len(continuations) != len(self.prompts):
@@ -406,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--analysis_n", type=int, default=0,
                    help="articles for h2o.analysis on the sweep's points, in the generate stage (0: skip)")
     p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--fidelity_batch", type=int, default=0,
+                   help="articles a batch for KL / agreement, whose prefill holds whole attention matrices "
+                        "(default: --batch_size)")
     p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES),
                    help="NAME or NAME:VALUE, VALUE for the policy's knob (h2o-shrink:0.5), comma-separated")
