@@ -187,6 +187,9 @@ def main() -> None:
            "triton": getattr(sys.modules.get("triton"), "__version__", None), "python": platform.python_version(),
            "matmul_TFLOPs": round(rate / 1e12, 1), "model_build_s": round(load_s, 1), "layers": args.layers,
            "task": args.task}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{env['date'][:10]}-helm-job-{args.label}" + ("" if args.task == "xsum" else f"-{args.task}")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         inputs = requests_file(tokenizer, args.task, args.n, Path(folder))
@@ -200,13 +203,16 @@ def main() -> None:
                               multiplied)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{env['date'][:10]}-helm-job-{args.label}" + ("" if args.task == "xsum" else f"-{args.task}")
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "runs": rows}, indent=1) + "\n")
-    table = markdown(env, rows)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+                write_tables(out / stem, env, rows)  # a stopped benchmark keeps every run it finished
+    print(markdown(env, rows))
+
+
+def write_tables(stem: Path, env: dict, rows: list[dict]) -> None:
+    for suffix, text in ((".json", json.dumps({"environment": env, "runs": rows}, indent=1) + "\n"),
+                         (".md", markdown(env, rows))):
+        staging = stem.with_name(stem.name + suffix + ".tmp")
+        staging.write_text(text)
+        staging.replace(stem.with_name(stem.name + suffix))
 
 
 if __name__ == "__main__":
