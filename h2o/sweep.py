@@ -175,6 +175,13 @@ def task_prompts(args: argparse.Namespace, tokenizer, n: int) -> tuple[list[helm
     return requests, [encode(tokenizer, r.prompt, args.chat_template)[0] for r in requests]
 
 
+def by_length(prompts: list[list[int]], size: int) -> list[list[int]]:
+    """The prompts' indices in batches of `size`, shortest first: batches of similar lengths waste
+    little on padding."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def in_batches(batches: list[list[int]], compute) -> list:
     """`compute(rows)` for each batch of article indices; the results back in article order."""
     results = [None] * sum(len(rows) for rows in batches)
@@ -214,10 +221,7 @@ class Fidelities:
     def __init__(self, folder: Path, args: argparse.Namespace, loaded: Loaded) -> None:
         tokenizer, self.model = loaded.tokenizer, loaded.model
         requests, self.prompts = task_prompts(args, tokenizer, args.fidelity_n)
-        # Batches of similar lengths waste little on padding.
-        order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
-        size = args.fidelity_batch or args.batch_size
-        self.batches = [order[i : i + size] for i in range(0, len(order), size)]
+        self.batches = by_length(self.prompts, args.fidelity_batch or args.batch_size)
         cached = folder / "fidelity_reference.json"
         continuations = json.loads(cached.read_text()) if cached.exists() else []
         if len(continuations) != len(self.prompts):

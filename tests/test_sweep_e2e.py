@@ -93,7 +93,8 @@ def swept(tmp_path_factory):
     _model(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     argv = ["--model", str(folder), "--n", str(N), "--fidelity_n", str(FIDELITY_N), "--budgets", "0.2",
-            "--policies", "h2o,local", "--batch_size", "2", "--device", "cpu", "--reports", str(root / "reports")]
+            "--policies", "h2o,local", "--batch_size", "2", "--fidelity_batch", "1", "--device", "cpu",
+            "--reports", str(root / "reports")]
     generated = _generate_without_helm([*argv, "--stage", "generate", "--analysis_n", "2"])
     assert generated.returncode == 0, generated.stderr
     [report] = [p for p in (root / "reports").iterdir() if p.is_dir()]
@@ -185,6 +186,14 @@ def test_kv_bytes_are_the_results_files(swept):
             layers, per_layer = config["num_hidden_layers"], per_token // config["num_hidden_layers"]
             assert (n + (layers - 1) * (h + r)) * per_layer <= k["kv_bytes_peak"]
             assert k["kv_bytes_peak"] <= (n + (layers - 1) * (h + r + 1)) * per_layer
+
+
+def test_fidelity_batches_hold_prompts_of_similar_lengths():
+    from h2o.sweep import by_length
+
+    prompts = [[0] * n for n in (5, 2, 9, 3, 7)]
+    assert by_length(prompts, 2) == [[1, 3], [0, 4], [2]]
+    assert by_length(prompts, 5) == [[1, 3, 0, 4, 2]]
 
 
 @pytest.fixture(scope="module")
