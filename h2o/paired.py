@@ -1,9 +1,10 @@
 """Every policy against H2O at the same budget, paired per article: on all articles, and on the
 articles held out from the choice of knobs.
 
-A knob (h2o-shrink's `shrink`) is chosen on the first `TUNED_ON` articles only (a sweep with
+A knob (h2o-shrink's `shrink`) is chosen on the first `TUNED_ON` XSUM articles only (a sweep with
 `--n 100`, or less); the held-out columns use the articles after them, which played no part in
-the choice, so a gain there is not the knob fitted to its own test. Each cell: the policy's mean
+the choice, so a gain there is not the knob fitted to its own test. No knob is chosen on another
+task: there every article is held out, and the table has the one column. Each cell: the policy's mean
 minus H2O's over the same articles, and the 95% interval of that difference (1.96 standard
 errors); in bold where the interval excludes zero.
 """
@@ -15,6 +16,7 @@ import math
 from pathlib import Path
 
 TUNED_ON = 100
+TUNED_TASK = "xsum"
 COLUMNS = ("policy", "budget", "kv_mib_budget", "kv_vs_h2o", "score", "score_diff_all", "score_ci95_all", "n_all",
            "score_diff_held_out", "score_ci95_held_out", "n_held_out", "kl_diff_all", "kl_ci95_all", "kl_n_all",
            "kl_diff_held_out", "kl_ci95_held_out", "kl_n_held_out")
@@ -32,7 +34,12 @@ def paired(values: list[float], h2o: list[float], start: int = 0) -> tuple[float
     return mean, 1.96 * sd / math.sqrt(n), n
 
 
-def rows(points: list[dict]) -> list[dict]:
+def tuned_on(task: str | None) -> int:
+    """How many of a task's first articles chose the knobs (reports made before tasks: XSUM's)."""
+    return TUNED_ON if task in (None, TUNED_TASK) else 0
+
+
+def rows(points: list[dict], tuned: int = TUNED_ON) -> list[dict]:
     """One row per policy (other than H2O and the full cache) and budget where H2O was run too."""
     score = points[0].get("main", "rouge_2") if points else "rouge_2"
     h2o = {p["budget"]: p for p in points if p["policy"] == "h2o"}
@@ -49,7 +56,7 @@ def rows(points: list[dict]) -> list[dict]:
                   "kl": (p.get("kl_per_article") or [], base.get("kl_per_article") or [])}
         for key, (mine, theirs) in series.items():
             n = "n" if key == "score" else "kl_n"
-            for split, start in (("all", 0), ("held_out", TUNED_ON)):
+            for split, start in (("all", 0), ("held_out", tuned)):
                 mean, ci, count = paired(mine, theirs, start) or (None, None, 0)
                 row.update({f"{key}_diff_{split}": mean, f"{key}_ci95_{split}": ci, f"{n}_{split}": count})
         table.append(row)
@@ -67,41 +74,45 @@ def _span(count: int, start: int) -> str:
     return f"articles {start}-{start + count - 1}" if count else "none"
 
 
-def markdown(table: list[dict]) -> str:
+def markdown(table: list[dict], tuned: int = TUNED_ON) -> str:
     if not table:
         return ""
     score = {"rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L"}.get(table[0]["score"], table[0]["score"])
     first = max(table, key=lambda r: (r["n_all"], r["kl_n_all"]))
-    lines = [
-        "# Each policy against H2O at the same budget, paired per article",
-        "",
-        f"Knobs (h2o-shrink's shrink) were chosen on articles 0-{TUNED_ON - 1} only; the held-out columns are the "
-        f"articles from {TUNED_ON} on, which played no part in the choice. Each cell: the policy's mean minus "
-        "H2O's over the same articles ± the 95% interval of that difference; bold where it excludes zero. "
-        f"{score} on all: {_span(first['n_all'], 0)}, held out: {_span(first['n_held_out'], TUNED_ON)}; "
-        f"KL (lower is closer to the full cache) on all: {_span(first['kl_n_all'], 0)}, held out: "
-        f"{_span(first['kl_n_held_out'], TUNED_ON)}. KV MiB: the budget's KV cache per sequence (every layer's "
-        "heavy hitters and recent window), against H2O's.",
-        "",
-        f"| budget | policy | KV MiB | KV / H2O | {score} − H2O, all | {score} − H2O, held out | KL − H2O, all "
-        "| KL − H2O, held out |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    cell = "Each cell: the policy's mean minus H2O's over the same articles ± the 95% interval of that difference; " \
+        "bold where it excludes zero. "
+    kv = "KV MiB: the budget's KV cache per sequence (every layer's heavy hitters and recent window), against H2O's."
+    if tuned:
+        splits = ("all", "held_out")
+        about = (f"Knobs (h2o-shrink's shrink) were chosen on articles 0-{tuned - 1} only; the held-out columns are "
+                 f"the articles from {tuned} on, which played no part in the choice. {cell}"
+                 f"{score} on all: {_span(first['n_all'], 0)}, held out: {_span(first['n_held_out'], tuned)}; "
+                 f"KL (lower is closer to the full cache) on all: {_span(first['kl_n_all'], 0)}, held out: "
+                 f"{_span(first['kl_n_held_out'], tuned)}. {kv}")
+        head = f"{score} − H2O, all | {score} − H2O, held out | KL − H2O, all | KL − H2O, held out"
+    else:
+        splits = ("all",)
+        about = (f"Knobs (h2o-shrink's shrink) were chosen on {TUNED_TASK.upper()}, never on this task: every article "
+                 f"is held out. {cell}{score} on {_span(first['n_all'], 0)}; KL (lower is closer to the full cache) "
+                 f"on {_span(first['kl_n_all'], 0)}. {kv}")
+        head = f"{score} − H2O | KL − H2O"
+    lines = ["# Each policy against H2O at the same budget, paired per article", "", about, "",
+             f"| budget | policy | KV MiB | KV / H2O | {head} |", "|---|---|---|---|" + "---|" * 2 * len(splits)]
     for r in sorted(table, key=lambda r: (r["budget"], r["policy"])):
-        kv = "-" if r["kv_mib_budget"] is None else f"{r['kv_mib_budget']:.2f}"
+        mib = "-" if r["kv_mib_budget"] is None else f"{r['kv_mib_budget']:.2f}"
         ratio = "-" if r["kv_vs_h2o"] is None else f"{r['kv_vs_h2o']:.0%}"
-        cells = [_cell(r[f"{k}_diff_{s}"], r[f"{k}_ci95_{s}"]) for k in ("score", "kl") for s in ("all", "held_out")]
-        lines.append(f"| {r['budget']:.0%} | {r['policy']} | {kv} | {ratio} | " + " | ".join(cells) + " |")
+        cells = [_cell(r[f"{k}_diff_{s}"], r[f"{k}_ci95_{s}"]) for k in ("score", "kl") for s in splits]
+        lines.append(f"| {r['budget']:.0%} | {r['policy']} | {mib} | {ratio} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write(folder: Path, points: list[dict]) -> None:
-    """paired.md and paired.csv in the report folder."""
-    table = rows(points)
+def write(folder: Path, points: list[dict], tuned: int = TUNED_ON) -> None:
+    """paired.md and paired.csv in the report folder; `tuned`: how many first articles chose the knobs."""
+    table = rows(points, tuned)
     if not table:
         return
     with open(folder / "paired.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(table)
-    (folder / "paired.md").write_text(markdown(table))
+    (folder / "paired.md").write_text(markdown(table, tuned))

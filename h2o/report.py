@@ -141,14 +141,24 @@ def _fmt(value: object, spec: str) -> str:
     return format(value, spec)
 
 
+def _made_on(settings: dict) -> str:
+    """Where the generate stage ran, as settings.json records it."""
+    made = settings.get("made_with") or {}
+    where = made.get("gpu") or settings.get("device")
+    versions = ", ".join(f"{k} {made[k]}" for k in ("torch", "transformers") if made.get(k))
+    return f"; generated on {where} ({versions})" if where and versions else ""
+
+
 def markdown(table: list[dict], points: list[dict], settings: dict | None = None) -> str:
     title = []
+    tuned = paired.tuned_on(settings.get("task") if settings else None)
     if settings:
         model = settings.get("model")
         title = [f"Model {'SmolLM2-135M-Instruct (embedded)' if model in ('', DEFAULT_MODEL) else model} "
                  f"({settings.get('arch')}), task "
                  f"{settings.get('task')}, weights and activations in {settings.get('dtype')}, chat template "
-                 f"{settings.get('chat_template')}; drop mode (evicted tokens leave memory).", ""]
+                 f"{settings.get('chat_template')}; drop mode (evicted tokens leave memory){_made_on(settings)}.",
+                 ""]
     names, main = scores(points)
     head = ["policy", "budget", "n", *(f"{shown(m)} (± 95% CI)" if m == main else shown(m) for m in names),
             f"{shown(main)} / full", "KV MiB budget", "KV MiB peak", "KV / full", "KL (nats)", "greedy agreement"]
@@ -170,8 +180,9 @@ def markdown(table: list[dict], points: list[dict], settings: dict | None = None
         "spend H2O's memory by layer or by head); peak, the most it held, prompt included, as the engine "
         "measured it.",
         "",
-        f"Each policy against H2O, paired per article, on all articles and on those held out from the choice "
-        f"of knobs (articles {paired.TUNED_ON} on): [paired.md](paired.md).",
+        (f"Each policy against H2O, paired per article, on all articles and on those held out from the choice "
+         f"of knobs (articles {tuned} on): [paired.md](paired.md)." if tuned else
+         "Each policy against H2O, paired per article (no knob was chosen on this task): [paired.md](paired.md)."),
         "",
         f"Best policy by {shown(main)} at each budget:",
         *best_per_budget(points),
@@ -337,10 +348,11 @@ def write(folder: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns(points))
         writer.writeheader()
         writer.writerows(table)
-    settings = folder / "settings.json"
-    (folder / "results.md").write_text(markdown(table, points, json.loads(settings.read_text()) if settings.exists() else None))
+    path = folder / "settings.json"
+    settings = json.loads(path.read_text()) if path.exists() else None
+    (folder / "results.md").write_text(markdown(table, points, settings))
     plots(folder, table, scores(points)[1])
     kl_by_step_plot(folder, points)
     grid_plot(folder, points)
     summaries(folder)
-    paired.write(folder, points)
+    paired.write(folder, points, paired.tuned_on(settings and settings.get("task")))

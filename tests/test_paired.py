@@ -70,3 +70,18 @@ def test_the_report_shows_the_budget_bytes_and_writes_the_paired_table(tmp_path)
     assert "| KV MiB budget | KV MiB peak |" in text and "[paired.md](paired.md)" in text
     assert "| pyramidkv | 20% | 3 |" in text and "| 2.00 | 3.00 | 30% |" in text
     assert "| 20% | pyramidkv | 2.00 | 100% |" in (tmp_path / "paired.md").read_text()
+
+
+def test_on_a_task_no_knob_was_chosen_on_every_article_is_held_out(tmp_path):
+    h2o = [0.02 + 0.001 * (i % 7) for i in range(120)]
+    points = [_point("h2o", 0.2, h2o), _point("tova", 0.2, [v - 0.002 * (i % 2) for i, v in enumerate(h2o)])]
+    assert paired.tuned_on("xsum") == paired.TUNED_ON and paired.tuned_on("needle") == 0
+    [row] = paired.rows(points, paired.tuned_on("needle"))
+    assert row["n_held_out"] == row["n_all"] == 120
+    paired.write(tmp_path, points, paired.tuned_on("needle"))
+    text = (tmp_path / "paired.md").read_text()
+    assert "never on this task: every article is held out" in text and "held out:" not in text
+    header = next(line for line in text.splitlines() if line.startswith("| budget"))
+    assert header == "| budget | policy | KV MiB | KV / H2O | ROUGE-2 − H2O | KL − H2O |"
+    line = next(line for line in text.splitlines() if "| tova |" in line)
+    assert len(line.split("|")) == len(header.split("|"))
