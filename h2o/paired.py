@@ -17,6 +17,7 @@ from pathlib import Path
 
 TUNED_ON = 100
 TUNED_TASK = "xsum"
+SHOWN = {"rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L", "ruler_string_match_part": "recall"}
 COLUMNS = ("policy", "budget", "kv_mib_budget", "kv_vs_h2o", "score", "score_diff_all", "score_ci95_all", "n_all",
            "score_diff_held_out", "score_ci95_held_out", "n_held_out", "kl_diff_all", "kl_ci95_all", "kl_n_all",
            "kl_diff_held_out", "kl_ci95_held_out", "kl_n_held_out")
@@ -32,6 +33,11 @@ def paired(values: list[float], h2o: list[float], start: int = 0) -> tuple[float
     mean = sum(diffs) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     return mean, 1.96 * sd / math.sqrt(n), n
+
+
+def shown(score: str) -> str:
+    """A HELM score's name as the reports write it."""
+    return SHOWN.get(score, score)
 
 
 def tuned_on(task: str | None) -> int:
@@ -77,7 +83,7 @@ def _span(count: int, start: int) -> str:
 def markdown(table: list[dict], tuned: int = TUNED_ON) -> str:
     if not table:
         return ""
-    score = {"rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L"}.get(table[0]["score"], table[0]["score"])
+    score = shown(table[0]["score"])
     first = max(table, key=lambda r: (r["n_all"], r["kl_n_all"]))
     cell = "Each cell: the policy's mean minus H2O's over the same articles ± the 95% interval of that difference; " \
         "bold where it excludes zero. "

@@ -23,13 +23,13 @@ import matplotlib.ticker  # noqa: E402
 from cycler import cycler  # noqa: E402
 
 from h2o import jsonl, paired  # noqa: E402
+from h2o.paired import shown  # noqa: E402
 from h2o.models import DEFAULT_MODEL  # noqa: E402
 from h2o.policies import POLICIES  # noqa: E402
 
 KNOWN_POLICIES = tuple(POLICIES)
 # Points scored before the tasks named their scores hold XSUM's.
 XSUM_SCORES, XSUM_MAIN = ("rouge_1", "rouge_2", "rouge_l"), "rouge_2"
-SHOWN = {"rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L", "ruler_string_match_part": "recall"}
 PLOT_FILES = {"rouge_2": "rouge2", "rouge_l": "rougel", "ruler_string_match_part": "recall"}
 FIXED_COLUMNS = ("kv_mib_budget", "kv_mib_peak", "kv_vs_full", "kl_mean", "agreement", "fidelity_n")
 
@@ -52,10 +52,6 @@ def scores(points: list[dict]) -> tuple[tuple[str, ...], str]:
     """The scores the points hold, in order, and the one the report ranks by."""
     first = points[0] if points else {}
     return tuple(first.get("scores", XSUM_SCORES)), first.get("main", XSUM_MAIN)
-
-
-def shown(score: str) -> str:
-    return SHOWN.get(score, score)
 
 
 def columns(points: list[dict]) -> list[str]:
