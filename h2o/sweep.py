@@ -412,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="articles for h2o.analysis on the sweep's points, in the generate stage (0: skip)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--fidelity_batch", type=int, default=0,
-                   help="articles a batch for KL / agreement, whose prefill holds whole attention matrices "
-                        "(default: --batch_size)")
+                   help="articles a batch for KL / agreement (default: --batch_size); a batch steps the reference "
+                        "engine once per continuation token and holds batch x tokens x vocabulary log-probabilities")
     p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=list(BUDGETS))
     p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES),
                    help="NAME or NAME:VALUE, VALUE for the policy's knob (h2o-shrink:0.5), comma-separated")
