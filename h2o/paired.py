@@ -4,8 +4,8 @@ articles held out from the choice of knobs.
 A knob (h2o-shrink's `shrink`) is chosen on the first `TUNED_ON` XSUM articles only (a sweep with
 `--n 100`, or less); the held-out columns use the articles after them, which played no part in
 the choice, so a gain there is not the knob fitted to its own test. No knob is chosen on another
-task: there every article is held out, and the table has the one column. Each cell: the policy's mean
-minus H2O's over the same articles, and the 95% interval of that difference (1.96 standard
+task: there every article is held out, and the table has the one column. Each cell: the policy's
+mean minus H2O's over the same articles, and the 95% interval of that difference (1.96 standard
 errors); in bold where the interval excludes zero.
 """
 
@@ -85,8 +85,8 @@ def markdown(table: list[dict], tuned: int = TUNED_ON) -> str:
         return ""
     score = shown(table[0]["score"])
     first = max(table, key=lambda r: (r["n_all"], r["kl_n_all"]))
-    cell = "Each cell: the policy's mean minus H2O's over the same articles ± the 95% interval of that difference; " \
-        "bold where it excludes zero. "
+    cell = ("Each cell: the policy's mean minus H2O's over the same articles ± the 95% interval of that difference; "
+            "bold where it excludes zero. ")
     kv = "KV MiB: the budget's KV cache per sequence (every layer's heavy hitters and recent window), against H2O's."
     if tuned:
         splits = ("all", "held_out")
