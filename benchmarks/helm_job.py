@@ -208,11 +208,9 @@ def main() -> None:
 
 
 def write_tables(stem: Path, env: dict, rows: list[dict]) -> None:
-    for suffix, text in ((".json", json.dumps({"environment": env, "runs": rows}, indent=1) + "\n"),
-                         (".md", markdown(env, rows))):
-        staging = stem.with_name(stem.name + suffix + ".tmp")
-        staging.write_text(text)
-        staging.replace(stem.with_name(stem.name + suffix))
+    results.write_whole(stem.with_name(stem.name + ".json"),
+                        json.dumps({"environment": env, "runs": rows}, indent=1) + "\n")
+    results.write_whole(stem.with_name(stem.name + ".md"), markdown(env, rows))
 
 
 if __name__ == "__main__":

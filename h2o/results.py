@@ -28,6 +28,14 @@ from typing import Iterator
 from h2o.helm_io import InputError, Request, completed_count, whole_lines
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader (or a kill) finds the old file or the new one,
+    never half of one."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
 class WriteError(OSError):
     """A result could not be written; the message names the file and what is safe."""
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import subprocess
@@ -33,6 +32,7 @@ from h2o import helm_io, jsonl, models, policies, report
 from h2o.fidelity import against_full, full_reference
 from h2o.generation import Eviction, Sampling, generate, kv_bytes_per_token
 from h2o.policies import make_policy
+from h2o.results import write_whole
 from h2o.run import encode
 from h2o.run import main as run_helm
 
@@ -111,9 +111,7 @@ def _slug(model: str) -> str:
 
 
 def _write_json(path: Path, data: object) -> None:
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(data, indent=1))
-    os.replace(staging, path)  # a point file is whole or absent
+    write_whole(path, json.dumps(data, indent=1))  # a point file is whole or absent
 
 
 def _helm(results: Path, task: str, arch: str, suite: str, point: str, n: int) -> dict:
