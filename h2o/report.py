@@ -315,15 +315,15 @@ def summaries(folder: Path) -> None:
     """`summaries.jsonl`: per article (in the task file's order), each point's generated text side
     by side. The HELM results files under results/ are large and stay out of version control, so
     a finished point whose results file is not here (a fresh clone) keeps the texts it had."""
+    finished = {path.stem for path in (folder / "points").glob("*.json")}  # an unfinished point's texts are partial
     texts: dict[str, list[str]] = {}
     if (folder / "summaries.jsonl").exists():
         for line in jsonl.objects(folder / "summaries.jsonl"):
             for name, text in line.record.items():
-                if name != "article":
+                if name in finished:
                     texts.setdefault(name, []).append(text)
-    finished = {path.stem for path in (folder / "points").glob("*.json")}
     for path in sorted((folder / "results").glob("*.jsonl")):
-        if path.stem in finished:  # an unfinished point's results are partial
+        if path.stem in finished:
             texts[path.stem] = [line.record["result"]["choices"][0]["text"] for line in jsonl.objects(path)]
     if not texts:
         return

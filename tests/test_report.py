@@ -134,6 +134,11 @@ def test_summaries_put_every_points_text_side_by_side(tmp_path):
         path.unlink()
     report.write(tmp_path)
     assert [json.loads(line) for line in (tmp_path / "summaries.jsonl").read_text().splitlines()] == rows
+    # A point no longer finished takes its texts with it.
+    (tmp_path / "points" / "h2o-20.json").unlink()
+    report.write(tmp_path)
+    assert [json.loads(line) for line in (tmp_path / "summaries.jsonl").read_text().splitlines()] == [
+        {"article": 0, "full": "a"}, {"article": 1, "full": "b"}]
 
 
 def test_a_needle_report_ranks_by_recall_and_draws_its_grid(tmp_path):
