@@ -145,9 +145,9 @@ def _made_on(settings: dict) -> str:
     return f"; generated on {where} ({versions})" if where and versions else ""
 
 
-def markdown(table: list[dict], points: list[dict], settings: dict | None = None) -> str:
+def markdown(table: list[dict], points: list[dict], settings: dict | None, tuned: int) -> str:
+    """results.md; `tuned`: how many first articles chose the knobs (`paired.tuned_on`)."""
     title = []
-    tuned = paired.tuned_on(settings.get("task") if settings else None)
     if settings:
         model = settings.get("model")
         title = [f"Model {'SmolLM2-135M-Instruct (embedded)' if model in ('', DEFAULT_MODEL) else model} "
@@ -346,9 +346,10 @@ def write(folder: Path) -> None:
         writer.writerows(table)
     path = folder / "settings.json"
     settings = json.loads(path.read_text()) if path.exists() else None
-    (folder / "results.md").write_text(markdown(table, points, settings))
+    tuned = paired.tuned_on(settings.get("task") if settings else None)
+    (folder / "results.md").write_text(markdown(table, points, settings, tuned))
     plots(folder, table, scores(points)[1])
     kl_by_step_plot(folder, points)
     grid_plot(folder, points)
     summaries(folder)
-    paired.write(folder, points, paired.tuned_on(settings and settings.get("task")))
+    paired.write(folder, points, tuned)
