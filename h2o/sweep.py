@@ -424,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep: error: unknown --policies {unknown}" if unknown else
               "sweep: error: --budgets must lie in (0, 1]", file=sys.stderr)
         return 2
+    if args.fidelity_batch < 0:
+        print("sweep: error: --fidelity_batch must be 0 (--batch_size's) or more", file=sys.stderr)
+        return 2
     try:
         for point in points(args.policies, args.budgets)[1:]:
             point.eviction()  # a knob's value out of range fails here, before anything runs

@@ -188,6 +188,14 @@ def test_kv_bytes_are_the_results_files(swept):
             assert k["kv_bytes_peak"] <= (n + (layers - 1) * (h + r + 1)) * per_layer
 
 
+def test_a_negative_fidelity_batch_is_refused_before_anything_runs(tmp_path, capsys):
+    from h2o import sweep
+
+    assert sweep.main(["--fidelity_batch", "-1", "--reports", str(tmp_path)]) == 2
+    assert "--fidelity_batch must be 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_fidelity_batches_hold_prompts_of_similar_lengths():
     from h2o.sweep import by_length
 
