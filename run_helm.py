@@ -3,7 +3,7 @@
 
 import sys
 
-from h2o.run import main
+from h2o.serve.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

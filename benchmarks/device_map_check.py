@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from h2o.generation import Eviction, Sampling, generate  # noqa: E402
+from h2o.engine.reference.generation import Eviction, Sampling, generate  # noqa: E402
 from h2o.policies import make_policy  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The XSUM job as users run it, on one GPU: run_helm.py's own code path (`h2o.run.run`) over the
+"""The XSUM job as users run it, on one GPU: run_helm.py's own code path (`h2o.serve.cli.run`) over the
 500 requests of data/xsum.jsonl, for the reference engine and the fast engine (full, h2o, local).
 `--task multi_news` runs the 200 long requests of data/multi_news.jsonl instead, each with its own
 max_tokens (512: the random weights never stop early, so every request generates all of them).
@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from h2o import helm_io, results, run  # noqa: E402
+from h2o.serve import helm_io, results, cli as run  # noqa: E402
 from h2o.policies import make_policy  # noqa: E402
 
 POLICIES = {"full": None, "h2o": (0.1, 0.1), "local": (0.0, 0.2)}

@@ -1,4 +1,4 @@
-"""The Triton kernels of `h2o.fast` on one GPU: checked against torch first, then timed over a
+"""The Triton kernels of `h2o.engine.fast` on one GPU: checked against torch first, then timed over a
 grid of tuning knobs; and where a prefill slice's time goes (4 layers of the LLaMA-7B shape).
 
     python benchmarks/kernel_timings.py
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from h2o.fast import FastDecoder, kernels  # noqa: E402
+from h2o.engine.fast import FastDecoder, kernels  # noqa: E402
 from h2o.policies import make_policy  # noqa: E402
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from throughput import build_model, prompts  # noqa: E402
 
-from h2o.fast import generate_fast  # noqa: E402
+from h2o.engine.fast import generate_fast  # noqa: E402
 from h2o.policies import make_policy  # noqa: E402
 
 

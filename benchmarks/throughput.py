@@ -1,4 +1,4 @@
-"""Decode and end-to-end throughput on one GPU: the fast H2O path (`h2o.fast`) against
+"""Decode and end-to-end throughput on one GPU: the fast H2O path (`h2o.engine.fast`) against
 transformers' full cache, and against NVIDIA kvpress when its command is given.
 
 LLaMA-7B shape with random fp16 weights (speed does not depend on weight values), prompts of
@@ -34,8 +34,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from h2o.fast import ATTENTION, FastCache, FastDecoder, generate_fast  # noqa: E402
-from h2o.fast import kernels  # noqa: E402
+from h2o.engine.fast import ATTENTION, FastCache, FastDecoder, generate_fast  # noqa: E402
+from h2o.engine.fast import kernels  # noqa: E402
 from h2o.policies import make_policy  # noqa: E402
 
 # The budgets of the comparison: 20% of the prompt, split as the paper does for H2O.

@@ -78,7 +78,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def fast_caches(monkeypatch) -> list:
     """Every FastCache made during the test, in order (to look at its slots afterwards)."""
-    from h2o.fast import FastCache
+    from h2o.engine.fast import FastCache
 
     made = []
     init = FastCache.__init__

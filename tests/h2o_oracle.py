@@ -1,5 +1,5 @@
 """An independent, plain re-statement of H2O (and TOVA) decoding for one prompt, sharing no code
-with h2o.attention, h2o.cache or h2o.policies: its own LLaMA forward pass (embedding, RMSNorm,
+with h2o.engine.reference.attention, h2o.engine.reference.evicting_cache or h2o.policies: its own LLaMA forward pass (embedding, RMSNorm,
 rotary embedding, grouped attention, SwiGLU MLP, lm_head) from a transformers LlamaForCausalLM's
 weights, and per layer and KV head a plain dict of accumulated scores and a set of live tokens.
 

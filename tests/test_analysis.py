@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from h2o.analysis import (
+from h2o.lab.analysis import (
     deciles, h2o_kept, kept_after_prompt, oracle, prompt_attention_by_head, recall, summary_attention,
 )
-from h2o.generation import Sampling, generate
-from h2o.sweep import Point
+from h2o.engine.reference.generation import Sampling, generate
+from h2o.lab.sweep import Point
 
 
 def _summary(model, tokenizer, prompt):

@@ -16,8 +16,8 @@ import torch
 import transformers
 
 from conftest import ROOT, random_prompts
-from h2o import helm_io, results
-from h2o.run import main
+from h2o.serve import helm_io, results
+from h2o.serve.cli import main
 
 N = 60
 

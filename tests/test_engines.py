@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import ROOT, random_prompts, tiny_llama
-from h2o import run
-from h2o.fast.engine import FastEngine
-from h2o.generation import Eviction, Sampling, generate
+from h2o.serve import cli as run
+from h2o.engine.fast.engine import FastEngine
+from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 
 POLICIES = {"full": None, "h2o": (0.1, 0.1), "local": (0.0, 0.2)}

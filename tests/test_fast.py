@@ -1,4 +1,4 @@
-"""The fast path (h2o.fast) against the reference drop path: same greedy tokens, exactly
+"""The fast path (h2o.engine.fast) against the reference drop path: same greedy tokens, exactly
 heavy + recent + 1 slots."""
 
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import ROOT, random_prompts
-from h2o.fast import FastCache, FastLayer, generate_fast, kernels
-from h2o.completion import eos_ids as _eos_ids
-from h2o.generation import Eviction, Sampling, generate
+from h2o.engine.fast import FastCache, FastLayer, generate_fast, kernels
+from h2o.engine.transcript import eos_ids as _eos_ids
+from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 
 NEW_TOKENS = 16
@@ -88,7 +88,7 @@ def test_refuses_a_policy_with_its_own_selection(gqa):
 @pytest.fixture(scope="module")
 def smollm2():
     from h2o import models
-    from h2o.run import encode
+    from h2o.serve.cli import encode
 
     tokenizer, _ = models.load_tokenizer()
     lines = (ROOT / "data" / "xsum.jsonl").read_text().splitlines()[1:3]

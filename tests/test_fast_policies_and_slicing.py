@@ -1,5 +1,5 @@
 """The fast path's TOVA and h2o-sink against the reference drop path, and the reference attention's
-query slicing (h2o.attention.MAX_SCORE_ELEMENTS) against no slicing: same tokens, same scores."""
+query slicing (h2o.engine.reference.attention.MAX_SCORE_ELEMENTS) against no slicing: same tokens, same scores."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from h2o import attention
-from h2o.cache import EvictingCache
-from h2o.fast import generate_fast
-from h2o.generation import Eviction, Sampling, generate
+from h2o.engine.reference import attention
+from h2o.engine.reference.evicting_cache import EvictingCache
+from h2o.engine.fast import generate_fast
+from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 from h2o_oracle import eos_ids
 

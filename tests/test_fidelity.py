@@ -1,8 +1,8 @@
 import pytest
 
 from conftest import random_prompts
-from h2o.fidelity import against_full, full_reference
-from h2o.generation import Eviction, Sampling, generate
+from h2o.lab.fidelity import against_full, full_reference
+from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 
 

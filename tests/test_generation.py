@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from h2o.attention import eager_eviction_attention
-from h2o.cache import EvictingCache
-from h2o.generation import Eviction, Sampling, generate
+from h2o.engine.reference.attention import eager_eviction_attention
+from h2o.engine.reference.evicting_cache import EvictingCache
+from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 from paper_reference import paper_greedy
 

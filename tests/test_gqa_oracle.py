@@ -1,5 +1,5 @@
 """H2O decoding with grouped-query attention against an independent, plain re-statement
-(tests/h2o_oracle.py, which shares no code with h2o.attention, h2o.cache or h2o.policies).
+(tests/h2o_oracle.py, which shares no code with h2o.engine.reference.attention, h2o.engine.reference.evicting_cache or h2o.policies).
 
 TOVA is checked beside H2O, since its GQA scoring (the newest row summed over a KV head's query
 heads) has no other check.
@@ -15,9 +15,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import ROOT, VOCAB, random_prompts, tiny_llama
-from h2o.cache import EvictingCache
-from h2o.fast import generate_fast
-from h2o.generation import Eviction, Sampling, generate
+from h2o.engine.reference.evicting_cache import EvictingCache
+from h2o.engine.fast import generate_fast
+from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 from h2o_oracle import OracleState, PlainLlama, eos_ids, oracle_budget, oracle_greedy
 
@@ -179,7 +179,7 @@ def test_scores_and_kept_tokens_are_the_oracles_at_every_step(plain_models, mode
 @pytest.fixture(scope="module")
 def smollm2():
     from h2o import models
-    from h2o.run import encode
+    from h2o.serve.cli import encode
 
     tokenizer, _ = models.load_tokenizer()
     lines = (ROOT / "data" / "xsum.jsonl").read_text().splitlines()[1:3]

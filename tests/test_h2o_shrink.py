@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import random_prompts
-from h2o.generation import Eviction, Sampling, generate
+from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import Budget, make_policy
-from h2o.sweep import Point, points, policy_spec
+from h2o.lab.sweep import Point, points, policy_spec
 
 # 10 tokens seen, heavy 1, recent 3: the window is 8, 9 (and the next token), 7 is parked, and
 # one heavy hitter is chosen from 0-6. Token 0 has the largest sum (5.0 over 10 queries), token 6
@@ -79,7 +79,7 @@ def test_the_fast_engine_gives_the_reference_drop_tokens(gqa, tokenizer, fast_ca
 
 
 def test_the_knob_reaches_run_helm_and_is_refused_for_other_policies():
-    from h2o.run import main
+    from h2o.serve.cli import main
 
     point = Point("h2o-shrink", 0.2, 0.5)
     assert point.name == "h2o-shrink_0.5-20" and point.label == "h2o-shrink:0.5"
@@ -94,7 +94,7 @@ def test_the_knob_reaches_run_helm_and_is_refused_for_other_policies():
 
 
 def test_a_sweep_refuses_a_knob_out_of_range_before_anything_runs(tmp_path, capsys):
-    from h2o import sweep
+    from h2o.lab import sweep
 
     assert sweep.main(["--reports", str(tmp_path), "--policies", "h2o-shrink:-2", "--budgets", "0.2"]) == 2
     assert capsys.readouterr().err.strip() == "sweep: error: --shrink must be >= 0, got -2.0"

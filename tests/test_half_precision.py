@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import random_prompts, tiny_llama
-from h2o.cache import EvictingCache
-from h2o.fast import generate_fast
-from h2o.generation import Eviction, Sampling, generate
+from h2o.engine.reference.evicting_cache import EvictingCache
+from h2o.engine.fast import generate_fast
+from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 from h2o_oracle import eos_ids
 

@@ -1,7 +1,7 @@
-"""The Triton kernels of h2o.fast.kernels on the CPU, under Triton's interpreter, against torch.
+"""The Triton kernels of h2o.engine.fast.kernels on the CPU, under Triton's interpreter, against torch.
 
-Triton reads TRITON_INTERPRET when it is imported, and h2o.fast.kernels imports it at import
-time (so does every test module that imports h2o.fast): the kernels run in a fresh Python
+Triton reads TRITON_INTERPRET when it is imported, and h2o.engine.fast.kernels imports it at import
+time (so does every test module that imports h2o.engine.fast): the kernels run in a fresh Python
 process with TRITON_INTERPRET=1. That process only loads the inputs made here, calls the
 kernels and saves what they return and what they updated in place; the torch restatements
 and every comparison stay in this module.
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT, random_prompts, tiny_llama
-from h2o.fast import generate_fast
+from h2o.engine.fast import generate_fast
 from h2o.policies import make_policy
 
 if importlib.util.find_spec("triton") is None:
@@ -29,7 +29,7 @@ if importlib.util.find_spec("triton") is None:
 _RUN_KERNELS = """
 import sys
 import torch
-from h2o.fast import kernels
+from h2o.engine.fast import kernels
 assert kernels.available(torch.device("cpu")), "Triton's interpreter is off"
 calls = torch.load(sys.argv[1])
 results = []
@@ -45,7 +45,7 @@ import sys
 import torch
 sys.path.insert(0, "tests")
 from conftest import tiny_llama
-from h2o.fast import generate_fast, kernels
+from h2o.engine.fast import generate_fast, kernels
 from h2o.policies import make_policy
 assert kernels.available(torch.device("cpu")), "Triton's interpreter is off"
 work = torch.load(sys.argv[1])

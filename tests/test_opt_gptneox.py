@@ -18,10 +18,10 @@ import torch
 from transformers import DynamicCache
 
 from conftest import ROOT, random_prompts, tiny_tokenizer
-from h2o.fast import FastEngine, generate_fast
-from h2o.generation import Decoder, Eviction, Sampling, generate
+from h2o.engine.fast import FastEngine, generate_fast
+from h2o.engine.reference.generation import Decoder, Eviction, Sampling, generate
 from h2o.policies import make_policy
-from h2o.run import main
+from h2o.serve.cli import main
 from paper_reference_gptneox import paper_greedy_gptneox
 from paper_reference_opt import paper_greedy_opt
 from tiny_families import FAMILIES, save_tiny
@@ -245,8 +245,8 @@ import json, sys, torch
 sys.path[:0] = sys.argv[1:]
 from conftest import random_prompts, tiny_tokenizer
 from tiny_families import FAMILIES
-from h2o.fast import FastEngine, kernels
-from h2o.generation import Sampling
+from h2o.engine.fast import FastEngine, kernels
+from h2o.engine.reference.generation import Sampling
 from h2o.policies import make_policy
 assert kernels.available(torch.device("cpu")), "Triton's interpreter is off"
 out = {}
@@ -285,7 +285,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_on_cuda_the_fast_engine_gives_the_reference_results(arch, tokenizer, head_dim):
     # CUDA graphs, continuous batching, and the Triton kernels where the head size fits them
     # (OPT's query arrives scaled, with scaling 1.0); GPT-NeoX heads of 80 or 96 take the torch path.
-    from h2o.fast import kernels
+    from h2o.engine.fast import kernels
 
     if not kernels.available(torch.device("cuda")):
         pytest.skip("needs Triton")

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from conftest import VOCAB, random_prompts, tiny_tokenizer
-from h2o.run import main
+from h2o.serve.cli import main
 
 ARCHS = {
     "mistral": (MistralConfig, MistralForCausalLM),

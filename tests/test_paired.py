@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from h2o import paired
+from h2o.lab import paired
 
 
 def _point(policy, budget, rouge_2, kl=None, kv=2.0):
@@ -57,7 +57,7 @@ def test_a_sweep_of_the_tuning_articles_alone_has_no_held_out_numbers():
 def test_the_report_shows_the_budget_bytes_and_writes_the_paired_table(tmp_path):
     import json
 
-    from h2o import report
+    from h2o.lab import report
 
     (tmp_path / "points").mkdir()
     for name, record in (("full", _point("full", 1.0, [0.03, 0.02, 0.04], kv=10.0)),

@@ -147,8 +147,8 @@ def test_snapkv_keeps_the_prompt_tokens_its_last_queries_attend_to_pooled(gqa):
     import torch.nn.functional as F
 
     from conftest import random_prompts
-    from h2o.cache import EvictingCache
-    from h2o.generation import Decoder, Eviction
+    from h2o.engine.reference.evicting_cache import EvictingCache
+    from h2o.engine.reference.generation import Decoder, Eviction
 
     prompt = random_prompts([120], seed=33)[0]
     policy = make_policy("snapkv", 0.1, 0.1)
@@ -188,7 +188,7 @@ def test_pyramidkv_budgets_fall_by_layer_and_hold_h2os_bytes():
 
 def test_pyramidkv_keeps_each_layers_own_budget(gqa, tokenizer):
     from conftest import random_prompts
-    from h2o.generation import Decoder, Eviction
+    from h2o.engine.reference.generation import Decoder, Eviction
 
     prompt = random_prompts([120], seed=34)[0]
     policy = make_policy("pyramidkv", 0.1, 0.1)

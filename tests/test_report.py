@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from h2o import report
-from h2o.sweep import Point, points
+from h2o.lab import report
+from h2o.lab.sweep import Point, points
 
 
 def test_points_split_budgets_as_the_paper():
@@ -67,7 +67,7 @@ def test_the_lowest_kl_is_named_with_its_paired_difference_to_h2o(tmp_path):
 
 
 def test_a_sweep_refuses_to_resume_a_report_made_with_other_settings(tmp_path, capsys):
-    from h2o import sweep
+    from h2o.lab import sweep
 
     folder = tmp_path / "xsum-smollm2"
     folder.mkdir()
@@ -81,7 +81,7 @@ def test_a_sweep_refuses_to_resume_a_report_made_with_other_settings(tmp_path, c
 
 
 def test_a_report_generated_on_one_device_is_not_resumed_on_another_but_scored_anywhere(tmp_path, capsys):
-    from h2o import sweep
+    from h2o.lab import sweep
 
     folder = tmp_path / "xsum-smollm2"
     folder.mkdir()
@@ -98,7 +98,7 @@ def test_a_report_generated_on_one_device_is_not_resumed_on_another_but_scored_a
 
 
 def test_a_new_report_records_where_it_was_generated(tmp_path, monkeypatch):
-    from h2o import sweep
+    from h2o.lab import sweep
 
     monkeypatch.setattr(sweep.Sweep, "generate", lambda self, point, tag: None)
     assert sweep.main(["--reports", str(tmp_path), "--n", "1", "--policies", "h2o", "--budgets", "0.2",
@@ -165,7 +165,7 @@ def test_a_needle_report_ranks_by_recall_and_draws_its_grid(tmp_path):
 
 
 def test_the_score_stage_keeps_the_tasks_scores_in_request_order_and_the_needles_cells(tmp_path):
-    from h2o.sweep import _scores
+    from h2o.lab.sweep import _scores
     from lab_helm.tasks import get_task
 
     stats = [{"name": {"name": "ruler_string_match_part", "split": "test"}, "mean": 2 / 3}]
@@ -181,7 +181,7 @@ def test_the_score_stage_keeps_the_tasks_scores_in_request_order_and_the_needles
 
 
 def test_a_sweep_of_more_articles_than_the_task_has_takes_them_all(tmp_path, monkeypatch, capsys):
-    from h2o import sweep
+    from h2o.lab import sweep
 
     seen = []
     monkeypatch.setattr(sweep.Sweep, "generate", lambda self, point, tag: seen.append(self.args.n))

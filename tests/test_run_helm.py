@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import random_prompts, save_tiny_model
-from h2o.run import main
+from h2o.serve.cli import main
 
 
 @pytest.fixture(scope="module")

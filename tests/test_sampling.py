@@ -5,7 +5,7 @@ top-k and top-p, logprobs are the model's before temperature, and the draws depe
 import pytest
 import torch
 
-from h2o.sampling import Sampler, Sampling, request_keys, uniforms
+from h2o.engine.sampling import Sampler, Sampling, request_keys, uniforms
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
 DRAWS = 40_000

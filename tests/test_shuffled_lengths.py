@@ -1,4 +1,4 @@
-"""run_helm.py (h2o.run.main) on requests whose prompts are not in length order, several at a
+"""run_helm.py (h2o.serve.cli.main) on requests whose prompts are not in length order, several at a
 time: the output follows the input's order, and each result is the one that request gets alone."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import random_prompts
-from h2o.run import main
+from h2o.serve.cli import main
 
 LENGTHS = [70, 31, 95, 44, 58, 23, 81]  # neither ascending nor descending
 MAX_TOKENS = [12, 5, 16, 9, 14, 7, 11]  # rows end at different steps

@@ -1,4 +1,4 @@
-"""The budget sweep (h2o.sweep, behind scripts/helm/sweep.sh) end to end on a tiny model, scored by
+"""The budget sweep (h2o.lab.sweep, behind scripts/helm/sweep.sh) end to end on a tiny model, scored by
 HELM offline, each number recomputed here by other means:
 
 - per-article ROUGE-1/2/L: rouge-score on the results files' texts against the XSUM references,
@@ -85,7 +85,7 @@ def _generate_without_helm(argv: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    from h2o import sweep
+    from h2o.lab import sweep
 
     root = tmp_path_factory.mktemp("sweep")
     folder = root / "tiny-words"
@@ -189,7 +189,7 @@ def test_kv_bytes_are_the_results_files(swept):
 
 
 def test_a_negative_fidelity_batch_is_refused_before_anything_runs(tmp_path, capsys):
-    from h2o import sweep
+    from h2o.lab import sweep
 
     assert sweep.main(["--fidelity_batch", "-1", "--reports", str(tmp_path)]) == 2
     assert "--fidelity_batch must be 0" in capsys.readouterr().err
@@ -197,7 +197,7 @@ def test_a_negative_fidelity_batch_is_refused_before_anything_runs(tmp_path, cap
 
 
 def test_fidelity_batches_hold_prompts_of_similar_lengths():
-    from h2o.sweep import by_length
+    from h2o.lab.sweep import by_length
 
     prompts = [[0] * n for n in (5, 2, 9, 3, 7)]
     assert by_length(prompts, 2) == [[1, 3], [0, 4], [2]]
@@ -244,7 +244,7 @@ def test_kl_and_agreement_are_computed_directly(swept, fidelity_inputs, name, he
 
 
 def test_a_rerun_skips_every_finished_point(swept, monkeypatch, capsys):
-    from h2o import sweep
+    from h2o.lab import sweep
 
     def never(*args, **kwargs):
         raise AssertionError("a finished point was computed again")
@@ -270,7 +270,7 @@ def test_the_generate_stage_analyses_the_sweeps_points(swept):
 
 
 def test_the_score_stage_refuses_incomplete_results_before_scoring_any_point(swept, tmp_path, capsys):
-    from h2o import sweep
+    from h2o.lab import sweep
 
     report = tmp_path / "reports" / swept["report"].name
     shutil.copytree(swept["report"], report)
@@ -294,7 +294,7 @@ def test_a_point_killed_before_its_record_is_redone_and_never_reported_half_done
     import signal
     import time
 
-    from h2o import sweep
+    from h2o.lab import sweep
 
     argv = [*swept["argv"][:-1], str(tmp_path / "reports")]  # the same sweep, another report folder
     output = tmp_path / "benchmark_output"

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, OPTConfig
 
 from conftest import ROOT, random_prompts
 from h2o import models
-from h2o.run import main, parser
+from h2o.serve.cli import main, parser
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
@@ -70,7 +70,7 @@ def test_two_groups_of_two_ranks_split_the_requests(tiny_model_dir, inputs, tmp_
     (tmp_path / "fast-h2o.jsonl.part1-of-2").write_text(json.dumps(kept) + "\n")
     script = tmp_path / "modes.py"  # one torchrun start for every mode
     script.write_text(
-        "import os\nfrom h2o import models\nfrom h2o.run import main\nload = models.load_model\n"
+        "import os\nfrom h2o import models\nfrom h2o.serve.cli import main\nload = models.load_model\n"
         "def spy(*args, **kwargs):  # each rank's rows of the first k_proj: one KV head of 16 dimensions\n"
         "    model = load(*args, **kwargs)\n"
         "    rows = model.model.layers[0].self_attn.k_proj.weight.to_local().shape[0]\n"
@@ -101,7 +101,7 @@ def test_each_rank_holds_the_cache_of_its_own_kv_heads(tiny_model_dir, tmp_path)
     script.write_text(
         "import torch.distributed as dist\n"
         "from conftest import random_prompts, tiny_tokenizer\n"
-        "from h2o import models\nfrom h2o.fast.engine import FastEngine\nfrom h2o.sampling import Sampling\n"
+        "from h2o import models\nfrom h2o.engine.fast.engine import FastEngine\nfrom h2o.engine.sampling import Sampling\n"
         "from h2o.policies import make_policy\n"
         "dist.init_process_group('gloo')\n"
         f"model = models.load_model({str(tiny_model_dir)!r}, tensor_parallel=2)\n"

@@ -7,7 +7,7 @@ into those rows' slots while the other rows keep theirs, so a batch never waits 
 member. Free rows wait until a quarter of the rows is free (or every request left fits): a
 prefill of one or two prompts would leave a GPU's matrix units mostly idle.
 Between two checks the rows decode without the host: on CUDA those `steps_per_check` steps
-(model, eviction and the choice of tokens, `h2o.sampling`) are one captured CUDA graph.
+(model, eviction and the choice of tokens, `h2o.engine.sampling`) are one captured CUDA graph.
 
 Requests are taken shortest prompt first, so the slots (sized by the largest budget admitted so
 far) grow a few times instead of being sized for the longest prompt from the start; the graph is
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from h2o.completion import Completion, Transcript, eos_ids
-from h2o.fast.cache import ATTENTION, FastCache
-from h2o.generation import kv_bytes_per_token, left_pad
+from h2o.engine.transcript import Completion, Transcript, eos_ids
+from h2o.engine.fast.slots import ATTENTION, FastCache
+from h2o.engine.reference.generation import kv_bytes_per_token, left_pad
 from h2o.policies import Budget, Policy, make_policy
-from h2o.sampling import Choice, Sampler, Sampling
+from h2o.engine.sampling import Choice, Sampler, Sampling
 
 # Tokens per prefill forward (rows x padded length): large enough to keep a GPU's matrix units
 # busy on short prompts, small enough that one layer's full-length keys stay modest.

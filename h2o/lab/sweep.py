@@ -1,6 +1,6 @@
 """The lab's experiment: every policy at every KV budget, evaluated by HELM and against the full cache.
 
-    python -m h2o.sweep [--task xsum] [--model smollm2] [--arch llama] [--n 200] [--stage all] ...
+    python -m h2o.lab.sweep [--task xsum] [--model smollm2] [--arch llama] [--n 200] [--stage all] ...
 
 Each point (policy, budget) is generated with run_helm.py, compared with the full cache by
 teacher-forced KL and greedy agreement on the first `--fidelity_n` articles, and scored with HELM
@@ -8,7 +8,7 @@ teacher-forced KL and greedy agreement on the first `--fidelity_n` articles, and
 model (results, KV bytes, fidelity, and with `--analysis_n` the analysis) and writes
 `generated/<name>.json`; it needs no HELM. `score` scores those results with HELM and writes the
 finished point, `points/<name>.json`. `all` does both, point by point. Nothing finished is
-recomputed; an interrupted point resumes where its results file stops. The report (`h2o.report`)
+recomputed; an interrupted point resumes where its results file stops. The report (`h2o.lab.report`)
 is rewritten after every scored point.
 """
 
@@ -28,15 +28,17 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from h2o import helm_io, jsonl, models, policies, report
-from h2o.fidelity import against_full, full_reference
-from h2o.generation import Eviction, Sampling, generate, kv_bytes_per_token
+from h2o.serve import helm_io
+from h2o import jsonl, models, policies
+from h2o.lab import report
+from h2o.lab.fidelity import against_full, full_reference
+from h2o.engine.reference.generation import Eviction, Sampling, generate, kv_bytes_per_token
 from h2o.policies import make_policy
-from h2o.results import write_whole
-from h2o.run import encode
-from h2o.run import main as run_helm
+from h2o.serve.results import write_whole
+from h2o.serve.cli import encode
+from h2o.serve.cli import main as run_helm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "helm"))  # lab_helm: where HELM's output lives and how to read it
 
 from lab_helm.helm_cli import run_dir  # noqa: E402  (lab_helm.paths and .helm_cli need no HELM)
@@ -339,8 +341,8 @@ class Sweep:
 
 
 def analyse(folder: Path, args: argparse.Namespace, loaded: Loaded, todo: list[Point]) -> None:
-    """h2o.analysis on the sweep's points and first --analysis_n articles, unless done."""
-    from h2o import analysis  # it imports this module
+    """h2o.lab.analysis on the sweep's points and first --analysis_n articles, unless done."""
+    from h2o.lab import analysis  # it imports this module
 
     wanted = [p for p in todo if p.policy != "full"]
     path = folder / "analysis.json"
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="articles per point")
     p.add_argument("--fidelity_n", type=int, default=50, help="articles for KL / agreement (0: skip)")
     p.add_argument("--analysis_n", type=int, default=0,
-                   help="articles for h2o.analysis on the sweep's points, in the generate stage (0: skip)")
+                   help="articles for h2o.lab.analysis on the sweep's points, in the generate stage (0: skip)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--fidelity_batch", type=int, default=0,
                    help="articles a batch for KL / agreement (default: --batch_size); a batch steps the reference "

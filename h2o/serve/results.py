@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from h2o.helm_io import InputError, Request, completed_count, whole_lines
+from h2o.serve.helm_io import InputError, Request, completed_count, whole_lines
 
 
 def write_whole(path: Path, text: str) -> None:

@@ -12,12 +12,13 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from h2o import distributed, helm_io, models, results
-from h2o.attention import ATTENTION_IMPLEMENTATIONS
-from h2o.cache import KV_MODES
-from h2o.completion import Completion
-from h2o.fast.engine import FastEngine
-from h2o.generation import Eviction, Sampling, generate
+from h2o.serve import distributed, helm_io, results
+from h2o import models
+from h2o.engine.reference.attention import ATTENTION_IMPLEMENTATIONS
+from h2o.engine.reference.evicting_cache import KV_MODES
+from h2o.engine.transcript import Completion
+from h2o.engine import EngineOptions, FastEngine, make_engine
+from h2o.engine.sampling import Sampling
 from h2o.policies import POLICIES, Policy, WithSinks, make_policy
 
 log = logging.getLogger("run_helm")
@@ -298,23 +299,12 @@ def _serve(args, model, tokenizer, encoded: list[Encoded], policy: Policy | None
                  seed=args.seed * 1_000_003 + e.request.line)
         for e in encoded
     ]
-    prompts = [e.ids for e in encoded]
-    if engine == "fast":
-        # Under tensor parallel the step holds collectives: no CUDA graph until one is measured there.
-        fast = FastEngine(model, tokenizer, policy, batch, cuda_graph=False if args.tensor_parallel else None)
-        try:
-            fast.run(prompts, sampling, lambda i, done: keep(encoded[i], done, done.seconds, batch))
-        finally:
-            for name, value in getattr(fast, "stats", {}).items():
-                stats[name] = stats.get(name, 0) + value
-        return
-    eviction = Eviction(policy, args.kv_mode, args.attention) if policy is not None else None
-    # Batches of similar lengths waste less on padding.
-    by_length = sorted(range(len(encoded)), key=lambda i: len(prompts[i]))
-    for rows in helm_io.batches(by_length, batch):
-        t0 = time.perf_counter()
-        completions = generate(model, tokenizer, [prompts[i] for i in rows], [sampling[i] for i in rows], eviction,
-                               stats)
-        seconds = time.perf_counter() - t0
-        for i, done in zip(rows, completions):
-            keep(encoded[i], done, seconds, len(rows))
+    # Under tensor parallel the step holds collectives: no CUDA graph until one is measured there.
+    options = EngineOptions(batch_size=batch, kv_mode=args.kv_mode, attention=args.attention,
+                            cuda_graph=False if args.tensor_parallel else None)
+    served = make_engine(engine, model, tokenizer, policy, options)
+    try:
+        served.run([e.ids for e in encoded], sampling, lambda i, done: keep(encoded[i], done, done.seconds, batch))
+    finally:
+        for name, value in getattr(served, "stats", {}).items():
+            stats[name] = stats.get(name, 0) + value

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from h2o.sampling import Sampling
+from h2o.engine.sampling import Sampling
 
 
 @dataclass

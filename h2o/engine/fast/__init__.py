@@ -1,7 +1,7 @@
 """The fast engine: H2O drop-mode eviction (and the full cache) with static shapes, for throughput
 on a GPU.
 
-`FastEngine` (h2o.fast.engine) serves HELM requests behind run_helm.py: sampling, stop sequences,
+`FastEngine` (h2o.engine.fast.engine) serves HELM requests behind run_helm.py: sampling, stop sequences,
 logprobs and continuous batching, with the reference engine's results. `generate_fast` below is
 the greedy, fixed-length core that the benchmarks time.
 
@@ -9,7 +9,7 @@ Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
 
 - Greedy decoding of a batch of token-id prompts of any lengths (left-padded per prefill
   slice; padding never counts as a token). Returns the same tokens as the reference
-  `h2o.generation.generate(..., [Sampling(max_new_tokens)] * n, Eviction(policy, "drop"))`,
+  `h2o.engine.reference.generation.generate(..., [Sampling(max_new_tokens)] * n, Eviction(policy, "drop"))`,
   cut before the first end-of-text token: same budgets (`policy.budget` of each prompt), same
   scores (attention summed over query rows and the query heads sharing a KV head), same
   selection (`Policy.select`, the paper's recent window + heavy hitters, including the token
@@ -25,7 +25,7 @@ Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
   tova); the Triton kernels further need H2O's own `accumulate`, `rank` and parked leaving
   token (otherwise torch operations do the same work).
 - Arithmetic: without the kernels (on the CPU, say) each pass goes through the reference
-  attention of `h2o.attention` over the slots, so scores and outputs are the reference's own
+  attention of `h2o.engine.reference.attention` over the slots, so scores and outputs are the reference's own
   arithmetic; only the eviction differs in form (an argmin instead of a top-k).
 - Models: those whose attention goes through transformers' `AttentionInterface` with a
   `Cache` (the LLaMA family); the cache reaches the attention as the `eviction_cache` keyword.
@@ -34,9 +34,9 @@ Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
   the prefill scores come from two kernels that never materialize the attention matrix.
 """
 
-from h2o.fast.cache import ATTENTION, FastCache, FastLayer, fast_eviction_attention
-from h2o.fast.engine import FastEngine
-from h2o.fast.generate import FastDecoder, FastGeneration, generate_fast
+from h2o.engine.fast.slots import ATTENTION, FastCache, FastLayer, fast_eviction_attention
+from h2o.engine.fast.engine import FastEngine
+from h2o.engine.fast.generate import FastDecoder, FastGeneration, generate_fast
 
 __all__ = [
     "ATTENTION", "FastCache", "FastDecoder", "FastEngine", "FastGeneration", "FastLayer",

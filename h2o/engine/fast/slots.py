@@ -8,7 +8,7 @@ cached after RoPE and attention does not depend on slot order). Every step then 
 shapes and touches the same memory, which a CUDA graph can capture.
 
 Prefill goes a slice of the batch at a time: a slice's full-length keys and values exist for
-one layer at a time, are scored by the reference attention (`h2o.attention`) and compacted into
+one layer at a time, are scored by the reference attention (`h2o.engine.reference.attention`) and compacted into
 the slots by the policy's own `select` before the next layer runs.
 
 Two ways to compute a step, same decisions:
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from h2o.attention import attend
-from h2o.cache import layer_table
-from h2o.fast import kernels
+from h2o.engine.reference.attention import attend
+from h2o.engine.reference.evicting_cache import layer_table
+from h2o.engine.fast import kernels
 from h2o.policies import Budget, Observation, Policy
 
 

@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 from cycler import cycler  # noqa: E402
 
-from h2o import jsonl, paired  # noqa: E402
-from h2o.paired import shown  # noqa: E402
+from h2o import jsonl  # noqa: E402
+from h2o.lab import paired  # noqa: E402
+from h2o.lab.paired import shown  # noqa: E402
 from h2o.models import DEFAULT_MODEL  # noqa: E402
 from h2o.policies import POLICIES  # noqa: E402
 

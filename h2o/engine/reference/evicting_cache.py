@@ -11,7 +11,7 @@ position (-1 for an empty slot), whether the next query may attend to it, and it
 
 Slots stay in position order in both modes, so drop mode does the same arithmetic as mask mode
 on fewer columns. Attention comes in through `observe`, called by the attention function in
-`h2o.attention` once it has computed the step's attention probabilities.
+`h2o.engine.reference.attention` once it has computed the step's attention probabilities.
 """
 
 from __future__ import annotations

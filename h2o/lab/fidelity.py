@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from h2o.generation import Decoder, Eviction
+from h2o.engine.reference.generation import Decoder, Eviction
 
 
 @dataclass(frozen=True)

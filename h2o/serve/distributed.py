@@ -3,7 +3,7 @@ parallel, or both.
 
 The ranks form groups of `tp` consecutive ranks, each group holding one copy of the model (one rank
 each without tensor parallel). Every group answers every groups-th outstanding request into its own
-part file, resumable like a single run (`h2o.results`), written by the group's first rank; rank 0,
+part file, resumable like a single run (`h2o.serve.results`), written by the group's first rank; rank 0,
 which holds the output, then hands the parts' results to it and removes them. A single group
 writes the output itself. A single process (no WORLD_SIZE in the environment) never touches
 torch.distributed.
@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.utils.store import barrier as store_barrier
 
-from h2o import jsonl, results
+from h2o import jsonl
+from h2o.serve import results
 
 # Long enough for the slowest group to finish its share: torchrun ends every rank when one fails.
 BARRIER_TIMEOUT_S = 7 * 24 * 3600

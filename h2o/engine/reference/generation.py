@@ -2,7 +2,7 @@
 
 One prefill over the left-padded prompts, then one token per step for every sequence. Each
 sequence has its own positions (padding never counts as a token) and its own stop conditions;
-the choice of tokens (`h2o.sampling`) and the finished text (`h2o.completion`) are shared with the
+the choice of tokens (`h2o.engine.sampling`) and the finished text (`h2o.engine.transcript`) are shared with the
 fast engine.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from h2o.attention import ATTENTION_IMPLEMENTATIONS
-from h2o.cache import EvictingCache, KVMode
-from h2o.completion import Completion, Transcript, eos_ids
+from h2o.engine.reference.attention import ATTENTION_IMPLEMENTATIONS
+from h2o.engine.reference.evicting_cache import EvictingCache, KVMode
+from h2o.engine.transcript import Completion, Transcript, eos_ids
 from h2o.policies import Policy
-from h2o.sampling import Sampler, Sampling
+from h2o.engine.sampling import Sampler, Sampling
 
 __all__ = ["Completion", "Decoder", "Eviction", "Sampling", "generate", "kv_bytes_per_token", "left_pad"]
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from h2o.fast.cache import ATTENTION, FastCache
-from h2o.generation import left_pad
+from h2o.engine.fast.slots import ATTENTION, FastCache
+from h2o.engine.reference.generation import left_pad
 from h2o.policies import Policy
 
 # How often (in steps) the decode loop looks whether every row has ended: each look waits for
@@ -115,7 +115,7 @@ def generate_fast(
 ) -> FastGeneration:
     """Greedy continuations of `prompts` (token ids, unpadded, any lengths) under `policy`.
 
-    Same tokens as `h2o.generation.generate` with `Eviction(policy, "drop")` and greedy sampling.
+    Same tokens as `h2o.engine.reference.generation.generate` with `Eviction(policy, "drop")` and greedy sampling.
     `prefill_rows` sequences are prefilled at a time (left-padded to the longest among them).
     `cuda_graph` (default: on CUDA) replays a captured decode step."""
     if max_new_tokens < 1:

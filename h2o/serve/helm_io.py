@@ -2,20 +2,18 @@
 
 Input lines: {"request": {"prompt", "temperature", "max_tokens", "stop", "top_p", "n", ...}}.
 Output lines: {"request": <as read>, "result": {"choices": [...], "request_time", ...}}, in input
-order (`h2o.results` writes them: whole lines, synced, so an interrupted run leaves a valid prefix
+order (`h2o.serve.results` writes them: whole lines, synced, so an interrupted run leaves a valid prefix
 to resume from).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TextIO
 
 from h2o import jsonl
-from h2o.completion import Completion
+from h2o.engine.transcript import Completion
 
 
 class InputError(ValueError):
@@ -139,7 +137,3 @@ def result_record(request: Request, completion: Completion, seconds: float, batc
         },
     }
 
-
-def batches(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

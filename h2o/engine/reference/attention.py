@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from h2o.cache import EvictingCache
+from h2o.engine.reference.evicting_cache import EvictingCache
 from h2o.policies import Observation
 
 # Prefill materializes (batch, heads, rows, slots) probabilities; past this many elements the

@@ -1,9 +1,9 @@
 """Where a policy's loss comes from: how much of the attention the summary pays to the prompt
 survives the policy's compression of the prompt.
 
-    python -m h2o.analysis [--n 20] [--budgets 0.04,0.2] [--policies h2o,local,...] [--dtype bfloat16] [--device cuda]
+    python -m h2o.lab.analysis [--n 20] [--budgets 0.04,0.2] [--policies h2o,local,...] [--dtype bfloat16] [--device cuda]
 
-(`python -m h2o.sweep --analysis_n N` runs it too, in its generate stage, on the sweep's points.)
+(`python -m h2o.lab.sweep --analysis_n N` runs it too, in its generate stage, on the sweep's points.)
 
 Per article, the full cache teacher-forces the full cache's greedy summary and records, for each
 layer and KV head, the attention every prompt token receives from the summary's queries (summed
@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from h2o import models, report
-from h2o.generation import Decoder, Eviction
+from h2o import models
+from h2o.lab import report
+from h2o.engine.reference.generation import Decoder, Eviction
 from h2o.policies import Budget, Policy
-from h2o.sweep import points as points_of
-from h2o.sweep import (
+from h2o.lab.sweep import points as points_of
+from h2o.lab.sweep import (
     POLICIES, Point, _write_json, add_model_flags, greedy_continuations, report_folder, task_prompts,
 )
 
