@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from h2o.engine.fast import FastDecoder, kernels  # noqa: E402
+from h2o.engine.fast import generate_fast, kernels  # noqa: E402
 from h2o.policies import make_policy  # noqa: E402
 
 
@@ -128,13 +128,14 @@ def prefill_profile(layers: int = 4, rows: int = 8, n: int = 2048) -> None:
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
     prompts = torch.randint(100, 30000, (rows, n)).tolist()
+    # One new token: the prefill alone, all rows in one slice.
     for name, ratios in (("h2o", (0.1, 0.1)), ("local", (0.0, 0.2))):
-        FastDecoder(model, prompts, make_policy("h2o", *ratios), rows).prefill()
-        ms = timed(lambda: FastDecoder(model, prompts, make_policy("h2o", *ratios), rows).prefill(), reps=5)
+        generate_fast(model, prompts, 1, make_policy("h2o", *ratios), prefill_rows=rows)
+        ms = timed(lambda: generate_fast(model, prompts, 1, make_policy("h2o", *ratios), prefill_rows=rows), reps=5)
         print(f"\nprefill, {name}: {ms / rows / layers * 32:.1f} ms per sequence of {n} tokens, scaled to 32 layers")
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        FastDecoder(model, prompts, make_policy("h2o", 0.1, 0.1), rows).prefill()
+        generate_fast(model, prompts, 1, make_policy("h2o", 0.1, 0.1), prefill_rows=rows)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=22))
 

@@ -32,7 +32,8 @@ from h2o.serve import helm_io
 from h2o import jsonl, models, policies
 from h2o.lab import report
 from h2o.lab.fidelity import against_full, full_reference
-from h2o.engine.reference.generation import Eviction, Sampling, generate, kv_bytes_per_token
+from h2o.engine.kv_report import kv_bytes_per_token
+from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 from h2o.serve.results import write_whole
 from h2o.serve.cli import encode

@@ -37,6 +37,21 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class SlotRoles:
+    """Where each slot stands in the paper's selection, (B, H, S) booleans but `over_budget`.
+
+    Of the present slots, `window` is kept by position; `leaving` (with `parks_leaving_token` and
+    a heavy budget) just left the window, sits out the next step and stays in memory;
+    `candidate` competes for the heavy budget. Only a sequence `over_budget`, (B, 1, 1), evicts."""
+
+    present: torch.Tensor
+    over_budget: torch.Tensor
+    window: torch.Tensor
+    leaving: torch.Tensor
+    candidate: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Observation:
     """What one forward pass's attention says of each slot; each tensor is (B, H, S)."""
 
@@ -105,6 +120,29 @@ class Policy(ABC):
         pairs that could attend to each slot so far."""
         return scores
 
+    @classmethod
+    def uses_base_selection(cls) -> bool:
+        """Whether the policy keeps this class's `select` (what the fast engine implements)."""
+        return cls.select is Policy.select
+
+    def slot_roles(
+        self, positions: torch.Tensor, n_tokens: torch.Tensor, heavy: torch.Tensor, recent: torch.Tensor
+    ) -> SlotRoles:
+        """The masks `select` chooses from (shapes as in `select`). Tensor operations only, so
+        that a CUDA graph can capture them."""
+        t = n_tokens.view(-1, 1, 1)
+        h = heavy.view(-1, 1, 1)
+        r = recent.view(-1, 1, 1)
+        present = positions >= 0
+        window = present & (positions >= t + 1 - r)
+        if self.parks_leaving_token:
+            leaving = present & (positions == t - r) & (h > 0)
+            candidate = present & (positions < t - r)
+        else:
+            leaving = torch.zeros_like(present)
+            candidate = present & (positions < t + 1 - r)
+        return SlotRoles(present=present, over_budget=t > h + r, window=window, leaving=leaving, candidate=candidate)
+
     def select(
         self,
         scores: torch.Tensor,
@@ -124,30 +162,17 @@ class Policy(ABC):
         column for column. `max_heavy` (the largest of `heavy`, where the caller knows it) saves
         reading it back from the device.
         """
-        t = n_tokens.view(-1, 1, 1)
-        h = heavy.view(-1, 1, 1)
-        r = recent.view(-1, 1, 1)
-        present = positions >= 0
-        over_budget = t > h + r
-
-        window = present & (positions >= t + 1 - r)
-        if self.parks_leaving_token:
-            leaving = present & (positions == t - r) & (h > 0)
-            candidate = present & (positions < t - r)
-        else:
-            leaving = torch.zeros_like(present)
-            candidate = present & (positions < t + 1 - r)
-
-        chosen = torch.zeros_like(present)
+        roles = self.slot_roles(positions, n_tokens, heavy, recent)
+        chosen = torch.zeros_like(roles.present)
         k = min(int(heavy.max()) if max_heavy is None else max_heavy, positions.shape[-1])
         if k > 0:
-            ranked = self.rank(scores, views, positions).masked_fill(~candidate, float("-inf"))
+            ranked = self.rank(scores, views, positions).masked_fill(~roles.candidate, float("-inf"))
             top_values, top_slots = ranked.topk(k, dim=-1)
-            wanted = torch.arange(k, device=positions.device).view(1, 1, -1) < h
+            wanted = torch.arange(k, device=positions.device).view(1, 1, -1) < heavy.view(-1, 1, 1)
             chosen.scatter_(-1, top_slots, wanted & (top_values > float("-inf")))
 
-        active = torch.where(over_budget, window | chosen, present)
-        retained = torch.where(over_budget, active | leaving, present)
+        active = torch.where(roles.over_budget, roles.window | chosen, roles.present)
+        retained = torch.where(roles.over_budget, active | roles.leaving, roles.present)
         return Selection(active=active, retained=retained)
 
 

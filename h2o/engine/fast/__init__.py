@@ -2,8 +2,9 @@
 on a GPU.
 
 `FastEngine` (h2o.engine.fast.engine) serves HELM requests behind run_helm.py: sampling, stop sequences,
-logprobs and continuous batching, with the reference engine's results. `generate_fast` below is
-the greedy, fixed-length core that the benchmarks time.
+logprobs and continuous batching, with the reference engine's results. `generate_fast`
+(h2o.engine.fast.generate) is a greedy, fixed-length call of it, on token ids alone, that the
+benchmarks time.
 
 Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
 
@@ -18,9 +19,9 @@ Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
   logits or two scores tie to within it. Exactly equal scores (a token repeated with the
   same attention) are broken by slot order here and by top-k's order in the reference.
 - Memory: each (layer, sequence, KV head) holds exactly heavy + recent + 1 slots of the
-  largest budget in the batch, allocated once. The prompt is prefilled `prefill_rows`
-  sequences at a time and compacted layer by layer, so the full-length keys and values of
-  one layer of one slice are the most that ever exist at once.
+  largest budget in the batch, allocated once. The prompts are prefilled in slices of at most
+  `prefill_rows` times the longest prompt's tokens and compacted layer by layer, so the
+  full-length keys and values of one layer of one slice are the most that ever exist at once.
 - Policies: any `Policy` that keeps the base class's `select` (h2o, local, h2o-avg, sink,
   tova); the Triton kernels further need H2O's own `accumulate`, `rank` and parked leaving
   token (otherwise torch operations do the same work).
@@ -29,16 +30,17 @@ Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
   arithmetic; only the eviction differs in form (an argmin instead of a top-k).
 - Models: those whose attention goes through transformers' `AttentionInterface` with a
   `Cache` (the LLaMA family); the cache reaches the attention as the `eviction_cache` keyword.
-- On CUDA the decode step (model, eviction and argmax) is captured once as a CUDA graph and
-  replayed; with Triton, one fused kernel per layer does attention, scoring and eviction, and
-  the prefill scores come from two kernels that never materialize the attention matrix.
+- On CUDA the decode steps between two host checks (model, eviction and the choice of tokens)
+  are captured as one CUDA graph after one eager run, and replayed; with Triton, one fused
+  kernel per layer does attention, scoring and eviction, and the prefill scores come from two
+  kernels that never materialize the attention matrix.
 """
 
 from h2o.engine.fast.slots import ATTENTION, FastCache, FastLayer, fast_eviction_attention
 from h2o.engine.fast.engine import FastEngine
-from h2o.engine.fast.generate import FastDecoder, FastGeneration, generate_fast
+from h2o.engine.fast.generate import FastGeneration, TokenIdsOnly, generate_fast
 
 __all__ = [
-    "ATTENTION", "FastCache", "FastDecoder", "FastEngine", "FastGeneration", "FastLayer",
+    "ATTENTION", "FastCache", "FastEngine", "FastGeneration", "FastLayer", "TokenIdsOnly",
     "fast_eviction_attention", "generate_fast",
 ]

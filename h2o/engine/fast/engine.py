@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from h2o.engine.transcript import Completion, Transcript, eos_ids
+from h2o.engine.decoding import left_pad
 from h2o.engine.fast.slots import ATTENTION, FastCache
-from h2o.engine.reference.generation import kv_bytes_per_token, left_pad
-from h2o.policies import Budget, Policy, make_policy
+from h2o.engine.kv_report import kv_bytes_per_token, kv_report
 from h2o.engine.sampling import Choice, Sampler, Sampling
+from h2o.engine.transcript import Completion, Transcript, eos_ids
+from h2o.policies import Budget, Policy, make_policy
 
 # Tokens per prefill forward (rows x padded length): large enough to keep a GPU's matrix units
 # busy on short prompts, small enough that one layer's full-length keys stay modest.
@@ -54,7 +55,8 @@ class _Request:
 
 class FastEngine:
     """Serves a list of requests on one model; `run()` returns their completions in input order.
-    `policy` None is the full cache."""
+    `policy` None is the full cache. `eos`: the end-of-text token ids (default: the model's and
+    the tokenizer's)."""
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class FastEngine:
         prefill_tokens: int = PREFILL_TOKENS,
         cuda_graph: bool | None = None,
         use_kernels: bool | None = None,
+        eos: Iterable[int] | None = None,
     ) -> None:
         if rows < 1:
             raise ValueError("rows must be at least 1")
@@ -76,12 +79,12 @@ class FastEngine:
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.use_kernels = use_kernels
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.eos = eos_ids(model, tokenizer)
+        self.eos = eos_ids(model, tokenizer) if eos is None else set(eos)
 
     @staticmethod
     def serves(policy: Policy) -> bool:
         """Whether the engine implements this policy (any that keeps `Policy.select`)."""
-        return type(policy).select is Policy.select
+        return policy.uses_base_selection()
 
     def budget(self, prompt: list[int], sampling: Sampling) -> Budget:
         if self.policy is None:
@@ -112,7 +115,8 @@ class FastEngine:
             # Free rows wait for company (a quarter of the rows, or every request left): a
             # prefill of a few prompts would leave the GPU's matrix units idle.
             if pending and len(free) >= max(1, min(len(pending), rows // ADMIT_EVERY)):
-                admitted = [pending.popleft() for _ in free[: len(pending)]]
+                # In input order: where every request fits at once, row i serves request i.
+                admitted = sorted((pending.popleft() for _ in free[: len(pending)]), key=lambda r: r.index)
                 for row, request in zip(free, admitted):
                     serving[row] = request
                 self._admit(free[: len(admitted)], admitted, serving, done)
@@ -206,9 +210,10 @@ class FastEngine:
         for column in range(self.steps_per_check):
             self._step(column)
 
-    def _decode(self, serving: list, done: dict) -> None:
-        """`steps_per_check` steps for every row, then hand each request its tokens."""
-        began = time.perf_counter()
+    @torch.inference_mode()
+    def advance(self) -> None:
+        """`steps_per_check` decode steps for every row, left on the device (no host sync): the
+        CUDA graph where there is one, else eager. Benchmarks time it on the state a `run` left."""
         self.model.set_attn_implementation(ATTENTION)
         if self.graph is not None:
             self.graph.replay()
@@ -223,6 +228,11 @@ class FastEngine:
         else:
             self._chunk()
             self.eager_chunks += 1
+
+    def _decode(self, serving: list, done: dict) -> None:
+        """`steps_per_check` steps for every row, then hand each request its tokens."""
+        began = time.perf_counter()
+        self.advance()
         history = self.history.tolist()
         self.stats["decode_s"] += time.perf_counter() - began
         self.stats["chunks"] += 1
@@ -239,24 +249,15 @@ class FastEngine:
         request = serving[row]
         serving[row] = None
         completion = request.transcript.finish()
-        completion.kv_cache = self._kv_report(request, len(request.transcript.ids))
+        completion.kv_cache = kv_report("fast", self.model, len(request.prompt), len(request.transcript.ids),
+                                        policy=self.policy, budget=request.budget, peak_bytes=self._peak_bytes(request))
         completion.seconds = time.perf_counter() - request.started
         done[request.index] = completion
         if self.on_done is not None:
             self.on_done(request.index, completion)
 
-    def _kv_report(self, request: _Request, generated: int) -> dict:
-        per_token = kv_bytes_per_token(self.model)
-        n, budget = len(request.prompt), request.budget
-        layers = self.model.config.num_hidden_layers
-        full = (n + max(0, generated - 1)) * per_token
-        if self.policy is None:  # the tokens it holds, as the reference counts them
-            return {"engine": "fast", "policy": "full", "mode": "full", "prompt_tokens": n,
-                    "kv_bytes_peak": full, "kv_bytes_full": full}
-        # The row's own slots in every layer, and the moment one layer holds its whole prompt.
-        slots = budget.total + 1
-        sizes = {"prompt_tokens": n, "kv_bytes_peak": (slots * layers + max(0, n - slots)) * per_token // layers,
-                 "kv_bytes_full": full}
-        return {"engine": "fast", "policy": self.policy.name, "mode": "drop",
-                "heavy_ratio": self.policy.heavy_ratio, "recent_ratio": self.policy.recent_ratio,
-                "heavy_budget": budget.heavy, "recent_budget": budget.recent, **sizes}
+    def _peak_bytes(self, request: _Request) -> int:
+        """KV bytes at the row's peak: its own slots in every layer, at the moment one layer
+        holds its whole prompt."""
+        n, slots, layers = len(request.prompt), request.budget.total + 1, self.model.config.num_hidden_layers
+        return (slots * layers + max(0, n - slots)) * kv_bytes_per_token(self.model) // layers

@@ -1,86 +1,28 @@
-"""Greedy batched generation over a `FastCache`: prefill in slices, then one decode step that a
-CUDA graph captures once and replays until the end."""
+"""Greedy, fixed-length generation of token ids on the fast engine (`FastEngine`): what the
+benchmarks time and the tests compare, with no tokenizer needed."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedModel
 
-from h2o.engine.fast.slots import ATTENTION, FastCache
-from h2o.engine.reference.generation import left_pad
+from h2o.engine.fast.engine import STEPS_PER_CHECK, FastEngine
+from h2o.engine.sampling import Sampling
 from h2o.policies import Policy
 
-# How often (in steps) the decode loop looks whether every row has ended: each look waits for
-# the GPU, so it is rare.
-EOS_CHECK_EVERY = 16
 
+class TokenIdsOnly:
+    """What `FastEngine` reads of a tokenizer, for callers that have token ids alone (a model
+    with random weights has no tokenizer): the padding id, no end-of-text token and no text."""
 
-class FastDecoder:
-    """Forward passes for one batch: `prefill()` once, then `step()` per new token. After one
-    eager step, `capture()` records the step (model, eviction, greedy choice) as a CUDA graph
-    and later steps replay it: no Python and no kernel launches on the way."""
+    eos_token_id = None
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        prompts: list[list[int]],
-        policy: Policy,
-        prefill_rows: int = 8,
-        pad_token_id: int = 0,
-        use_kernels: bool | None = None,
-    ) -> None:
-        self.model, self.prompts = model, prompts
-        self.prefill_rows, self.pad_token_id = prefill_rows, pad_token_id
-        self.device = model.device
-        self.cache = FastCache(policy, model.config.num_hidden_layers, [len(p) for p in prompts],
-                               self.device, use_kernels)
-        # The step's inputs, updated in place: the token just chosen and its position.
-        self.next_ids = torch.zeros(len(prompts), 1, dtype=torch.long, device=self.device)
-        self.positions = torch.tensor([len(p) for p in prompts], device=self.device)[:, None]
-        self.graph: torch.cuda.CUDAGraph | None = None
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.pad_token_id = pad_token_id
 
-    @torch.inference_mode()
-    def prefill(self) -> torch.Tensor:
-        """Prefill every prompt, `prefill_rows` at a time; the first new token of each, (B,)."""
-        self.model.set_attn_implementation(ATTENTION)
-        for start in range(0, len(self.prompts), self.prefill_rows):
-            rows = slice(start, min(len(self.prompts), start + self.prefill_rows))
-            ids, valid, positions = left_pad(self.prompts[rows], self.pad_token_id, self.device)
-            self.cache.begin_prefill(rows, positions, valid)
-            logits = self.model(input_ids=ids, position_ids=positions, cache=self.cache,
-                                eviction_cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            self.next_ids[rows, 0] = logits.float().argmax(-1)
-        return self.next_ids[:, 0]
-
-    def _step(self) -> None:
-        self.cache.begin_decode(self.positions)
-        logits = self.model(input_ids=self.next_ids, position_ids=self.positions, cache=self.cache,
-                            eviction_cache=self.cache, use_cache=True).logits[:, -1]
-        self.next_ids.copy_(logits.float().argmax(-1, keepdim=True))
-        self.positions.add_(1)
-
-    @torch.inference_mode()
-    def step(self) -> torch.Tensor:
-        """Feed the tokens just chosen; the next ones, (B,)."""
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.model.set_attn_implementation(ATTENTION)
-            self._step()
-        return self.next_ids[:, 0]
-
-    @torch.inference_mode()
-    def capture(self) -> None:
-        """Record the decode step as a CUDA graph. Call after one eager `step()`, which compiles
-        the kernels and settles the allocations; capturing runs nothing."""
-        self.model.set_attn_implementation(ATTENTION)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
-        self.graph = graph
+    def decode(self, ids: list[int]) -> str:
+        return ""
 
 
 @dataclass
@@ -95,12 +37,6 @@ class FastGeneration:
     kv_bytes: int
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
 def generate_fast(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -113,36 +49,24 @@ def generate_fast(
     cuda_graph: bool | None = None,
     use_kernels: bool | None = None,
 ) -> FastGeneration:
-    """Greedy continuations of `prompts` (token ids, unpadded, any lengths) under `policy`.
+    """Greedy continuations of `prompts` (token ids, unpadded, any lengths) under `policy`, every
+    prompt in a row of its own; only `eos_token_ids` end a continuation.
 
     Same tokens as `h2o.engine.reference.generation.generate` with `Eviction(policy, "drop")` and greedy sampling.
-    `prefill_rows` sequences are prefilled at a time (left-padded to the longest among them).
-    `cuda_graph` (default: on CUDA) replays a captured decode step."""
+    A prefill forward takes at most `prefill_rows` times the longest prompt's tokens (shortest
+    prompts first, left-padded to the longest among them). `cuda_graph` (default: on CUDA)
+    replays captured decode steps."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    decoder = FastDecoder(model, prompts, policy, prefill_rows, pad_token_id, use_kernels)
-    device = decoder.device
-    if cuda_graph is None:
-        cuda_graph = device.type == "cuda"
-    tokens = torch.zeros(len(prompts), max_new_tokens, dtype=torch.long, device=device)
-    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
-
-    _synchronize(device)
-    started = time.perf_counter()
-    tokens[:, 0] = decoder.prefill()
-    _synchronize(device)
-    prefilled = time.perf_counter()
-    for i in range(1, max_new_tokens):
-        if cuda_graph and i == 2:
-            decoder.capture()
-        tokens[:, i] = decoder.step()
-        if eos.numel() and i % EOS_CHECK_EVERY == 0 and bool(torch.isin(tokens[:, : i + 1], eos).any(-1).all()):
-            break
-    _synchronize(device)
-    finished = time.perf_counter()
-
-    out = []
-    for row in tokens.tolist():
-        ends = [j for j, token in enumerate(row) if token in eos_token_ids]
-        out.append(row[: ends[0]] if ends else row)
-    return FastGeneration(out, prefilled - started, finished - prefilled, decoder.cache.kv_bytes())
+    graph = model.device.type == "cuda" if cuda_graph is None else cuda_graph
+    # The decode steps in as few host checks of equal length as STEPS_PER_CHECK allows (fewer
+    # steps than checks are computed past the end); with a CUDA graph in at least two, so that
+    # the graph captured after the first, eager, check is replayed.
+    steps = max(1, max_new_tokens - 1)
+    checks = max(-(-steps // STEPS_PER_CHECK), 2 if graph and steps > 1 else 1)
+    engine = FastEngine(model, TokenIdsOnly(pad_token_id), policy, len(prompts), steps_per_check=-(-steps // checks),
+                        prefill_tokens=prefill_rows * max(len(p) for p in prompts), cuda_graph=graph,
+                        use_kernels=use_kernels, eos=eos_token_ids)
+    done = engine.run(prompts, [Sampling(max_new_tokens=max_new_tokens)] * len(prompts))
+    return FastGeneration([c.token_ids for c in done], engine.stats["prefill_s"], engine.stats["decode_s"],
+                          engine.cache.kv_bytes())

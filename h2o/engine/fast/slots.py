@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from h2o.engine.reference.attention import attend
-from h2o.engine.reference.evicting_cache import layer_table
+from h2o.engine.decoding import keep_retained, layer_table
 from h2o.engine.fast import kernels
+# The torch path reuses the reference attention on purpose: the paper's arithmetic, op for op.
+from h2o.engine.reference.attention import attend
 from h2o.policies import Budget, Observation, Policy
 
 
@@ -48,7 +49,7 @@ class FastCache(Cache):
         budgets: list[Budget] | None = None,
         has_heavy: bool | None = None,
     ) -> None:
-        if type(policy).select is not Policy.select:
+        if not policy.uses_base_selection():
             raise ValueError(f"the fast path implements Policy.select; {type(policy).__name__} overrides it")
         device = torch.device(device)
         self.kernels_asked = use_kernels
@@ -252,16 +253,16 @@ class FastLayer(CacheLayerMixin):
                                      owner.heavy[self.layer_idx, rows], owner.recent[self.layer_idx, rows],
                                      owner.max_heavy)
         width = min(positions.shape[-1], owner.capacity)
-        order = torch.argsort((~chosen.retained).to(torch.uint8), dim=-1, stable=True)[..., :width]
-        filled = torch.arange(width, device=key.device) < chosen.retained.sum(-1, keepdim=True)
-        index = order[..., None].expand(-1, -1, -1, key.shape[-1])
-        self.keys[rows, :, :width] = key.gather(2, index)
-        self.values[rows, :, :width] = value.gather(2, index)
-        self.positions[rows, :, :width] = positions.gather(2, order).masked_fill(~filled, -1).to(torch.int32)
-        self.active[rows, :, :width] = chosen.active.gather(2, order) & filled
-        self.scores[rows, :, :width] = (scores * chosen.retained).gather(2, order) * filled
+        keys, values, kept_positions, active, kept_scores, kept_views = keep_retained(
+            chosen.retained, width, key, value, positions, chosen.active, scores * chosen.retained, views
+        )
+        self.keys[rows, :, :width] = keys
+        self.values[rows, :, :width] = values
+        self.positions[rows, :, :width] = kept_positions.to(torch.int32)
+        self.active[rows, :, :width] = active
+        self.scores[rows, :, :width] = kept_scores
         if owner.tracks_views:
-            self.views[rows, :, :width] = views.gather(2, order) * filled
+            self.views[rows, :, :width] = kept_views
         if width < owner.capacity:  # a row re-assigned to a new sequence: its old slots go
             self.positions[rows, :, width:] = -1
             self.active[rows, :, width:] = False
@@ -272,23 +273,15 @@ class FastLayer(CacheLayerMixin):
         """`Policy.select` for one decode step, in place and without a host sync: the lowest-ranked
         candidates while more than `heavy` remain (at most `evictions_per_step`)."""
         owner = self.owner
-        t = owner.n_tokens.view(-1, 1, 1)
-        heavy = owner.heavy[self.layer_idx].view(-1, 1, 1)
-        recent = owner.recent[self.layer_idx].view(-1, 1, 1)
-        positions = self.positions
-        present = positions >= 0
-        over = t > heavy + recent
+        heavy = owner.heavy[self.layer_idx]
+        roles = owner.policy.slot_roles(self.positions, owner.n_tokens, heavy, owner.recent[self.layer_idx])
+        present, over, candidate = roles.present, roles.over_budget, roles.candidate
+        heavy = heavy.view(-1, 1, 1)
         views = self.views + seen if owner.tracks_views else self.views
-        if owner.policy.parks_leaving_token:
-            leaving = present & over & (heavy > 0) & (positions == t - recent)
-            candidate = present & (positions < t - recent)
-        else:
-            leaving = torch.zeros_like(present)
-            candidate = present & (positions <= t - recent)
         # Without heavy hitters the window alone stays.
-        drop = present & over & (heavy == 0) & (positions <= t - recent)
+        drop = present & over & (heavy == 0) & ~roles.window
         if owner.has_heavy:
-            ranked = owner.policy.rank(scores, views, positions).masked_fill(~candidate, float("inf"))
+            ranked = owner.policy.rank(scores, views, self.positions).masked_fill(~candidate, float("inf"))
             for _ in range(owner.evictions_per_step):
                 victim = ranked.argmin(-1, keepdim=True)
                 excess = candidate.sum(-1, keepdim=True) > heavy
@@ -302,7 +295,7 @@ class FastLayer(CacheLayerMixin):
         self.scores.copy_(scores * keep)
         if owner.tracks_views:
             self.views.copy_(views * keep)
-        self.active.copy_(keep & ~leaving)
+        self.active.copy_(keep & ~(roles.leaving & over))
 
     def decode(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Kernel path of a decode step: attention, scoring and eviction in one kernel."""

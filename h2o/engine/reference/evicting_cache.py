@@ -21,18 +21,11 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from h2o.policies import Budget, Observation, Policy
+from h2o.engine.decoding import keep_retained, layer_table
+from h2o.policies import Observation, Policy
 
 KVMode = Literal["mask", "drop"]
 KV_MODES: tuple[str, ...] = ("mask", "drop")
-
-
-def layer_table(per_layer: list[list[Budget]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layers, sequences) heavy and recent budgets, from each sequence's list of layer budgets."""
-    layers = range(len(per_layer[0])) if per_layer else range(0)
-    heavy = torch.tensor([[b[i].heavy for b in per_layer] for i in layers], dtype=torch.long, device=device)
-    recent = torch.tensor([[b[i].recent for b in per_layer] for i in layers], dtype=torch.long, device=device)
-    return heavy, recent
 
 
 class EvictingCache(Cache):
@@ -140,18 +133,11 @@ class EvictingLayer(CacheLayerMixin):
             self._keep(chosen.retained)
 
     def _keep(self, retained: torch.Tensor) -> None:
-        # Retained slots first, in their order; rows shorter than the longest get empty slots.
-        count = retained.sum(-1, keepdim=True)
-        width = int(count.max())
-        slots = torch.argsort((~retained).to(torch.uint8), dim=-1, stable=True)[..., :width]
-        filled = torch.arange(width, device=slots.device) < count
-        index = slots[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, index)
-        self.values = self.values.gather(2, index)
-        self.positions = self.positions.gather(2, slots).masked_fill(~filled, -1)
-        self.active = self.active.gather(2, slots) & filled
-        self.scores = self.scores.gather(2, slots) * filled
-        self.views = self.views.gather(2, slots) * filled
+        # As wide as the row that keeps most; shorter rows end in empty slots.
+        width = int(retained.sum(-1).max())
+        self.keys, self.values, self.positions, self.active, self.scores, self.views = keep_retained(
+            retained, width, self.keys, self.values, self.positions, self.active, self.scores, self.views
+        )
         self._account()
 
     def _account(self) -> None:

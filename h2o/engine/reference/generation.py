@@ -2,7 +2,8 @@
 
 One prefill over the left-padded prompts, then one token per step for every sequence. Each
 sequence has its own positions (padding never counts as a token) and its own stop conditions;
-the choice of tokens (`h2o.engine.sampling`) and the finished text (`h2o.engine.transcript`) are shared with the
+the choice of tokens (`h2o.engine.sampling`), the finished text (`h2o.engine.transcript`), the left
+padding (`h2o.engine.decoding`) and the KV report (`h2o.engine.kv_report`) are shared with the
 fast engine.
 """
 
@@ -14,13 +15,15 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from h2o.engine.decoding import left_pad
+from h2o.engine.kv_report import kv_report
 from h2o.engine.reference.attention import ATTENTION_IMPLEMENTATIONS
 from h2o.engine.reference.evicting_cache import EvictingCache, KVMode
+from h2o.engine.sampling import Sampler, Sampling
 from h2o.engine.transcript import Completion, Transcript, eos_ids
 from h2o.policies import Policy
-from h2o.engine.sampling import Sampler, Sampling
 
-__all__ = ["Completion", "Decoder", "Eviction", "Sampling", "generate", "kv_bytes_per_token", "left_pad"]
+__all__ = ["Completion", "Decoder", "Eviction", "Sampling", "generate"]
 
 
 @dataclass(frozen=True)
@@ -30,21 +33,6 @@ class Eviction:
     policy: Policy
     mode: KVMode = "drop"
     attention: str = "eager"
-
-
-def left_pad(
-    prompts: list[list[int]], pad_id: int, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prompts right-aligned in one (B, width) batch: token ids, which are real tokens, and
-    each token's position (padding counts for nothing)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        valid[row, width - len(prompt):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    return ids, valid, (valid.cumsum(-1) - 1).clamp(min=0)
 
 
 class Decoder:
@@ -140,38 +128,12 @@ def generate(
     completions = []
     for row, transcript in enumerate(transcripts):
         done = transcript.finish()
-        done.kv_cache = _kv_report(model, decoder.cache, eviction, row, len(prompts[row]), len(transcript.ids),
-                                   peaks[row])
+        if eviction is None:
+            done.kv_cache = kv_report("reference", model, len(prompts[row]), len(transcript.ids))
+        else:
+            peak = peaks[row] if peaks[row] is not None else decoder.cache.peak_bytes()[row]
+            done.kv_cache = kv_report("reference", model, len(prompts[row]), len(transcript.ids),
+                                      policy=eviction.policy, mode=eviction.mode, budget=decoder.cache.budgets[row],
+                                      peak_bytes=peak)
         completions.append(done)
     return completions
-
-
-def kv_bytes_per_token(model: PreTrainedModel) -> int:
-    """Bytes of one token's keys and values over all layers and KV heads."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # OPT, GPT-NeoX: none
-    return config.num_hidden_layers * kv_heads * 2 * head_dim * model.dtype.itemsize
-
-
-def _kv_report(model, cache, eviction: Eviction | None, row: int, prompt_len: int, generated: int,
-               peak: int | None = None) -> dict:
-    per_token = kv_bytes_per_token(model)
-    # The last token's key and value are never written: a full cache peaks one short of the end.
-    full = (prompt_len + max(0, generated - 1)) * per_token
-    if eviction is None:
-        return {"engine": "reference", "policy": "full", "mode": "full", "prompt_tokens": prompt_len,
-                "kv_bytes_peak": full, "kv_bytes_full": full}
-    budget = cache.budgets[row]
-    return {
-        "engine": "reference",
-        "policy": eviction.policy.name,
-        "mode": eviction.mode,
-        "heavy_ratio": eviction.policy.heavy_ratio,
-        "recent_ratio": eviction.policy.recent_ratio,
-        "heavy_budget": budget.heavy,
-        "recent_budget": budget.recent,
-        "prompt_tokens": prompt_len,
-        "kv_bytes_peak": peak if peak is not None else cache.peak_bytes()[row],
-        "kv_bytes_full": full,
-    }
