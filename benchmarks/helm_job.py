@@ -1,4 +1,4 @@
-"""The XSUM job as users run it, on one GPU: run_helm.py's own code path (`h2o.serve.cli.run`) over the
+"""The XSUM job as users run it, on one GPU: run_helm.py's own code path (`h2o.serve.serve.run`) over the
 500 requests of data/xsum.jsonl, for the reference engine and the fast engine (full, h2o, local).
 `--task multi_news` runs the 200 long requests of data/multi_news.jsonl instead, each with its own
 max_tokens (512: the random weights never stop early, so every request generates all of them).
@@ -35,10 +35,14 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from h2o.serve import helm_io, results, cli as run  # noqa: E402
-from h2o.policies import make_policy  # noqa: E402
+from h2o.lab.points import LOCAL, Point  # noqa: E402
+from h2o.serve import helm_io, results  # noqa: E402
+from h2o.serve.options import ServeOptions  # noqa: E402
+from h2o.serve.prompts import encode_all  # noqa: E402
+from h2o.serve.serve import run  # noqa: E402
 
-POLICIES = {"full": None, "h2o": (0.1, 0.1), "local": (0.0, 0.2)}
+# h2o: 10% heavy + 10% recent; local: 20% recent.
+POINTS = {"full": Point("full", 1.0), "h2o": Point("h2o", 0.2), "local": Point(LOCAL, 0.2)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,19 +112,14 @@ def matmul_rate() -> float:
 
 def one_run(model, tokenizer, inputs: Path, engine: str, policy: str, batch: int, n: int, attention: str,
             floor_rate: float, multiplied: int) -> dict:
-    flags = ["--input_path", str(inputs), "--output_path", str(inputs.with_suffix(".out.jsonl")),
-             "--batch_size", str(batch), "--sample_num", str(n), "--engine", engine, "--fp16",
-             "--attention", attention]
-    if POLICIES[policy] is not None:
-        heavy, recent = POLICIES[policy]
-        flags += ["--enable_small_cache", "--heavy_ratio", str(heavy), "--recent_ratio", str(recent)]
-    args = run.parser().parse_args(flags)
-    output = Path(args.output_path)
+    options = POINTS[policy].serve_options(ServeOptions(
+        output_path=str(inputs.with_suffix(".out.jsonl")), input_path=str(inputs), batch_size=batch, sample_num=n,
+        engine=engine, fp16=True, attention=attention))
+    output = Path(options.output_path)
     output.unlink(missing_ok=True)
-    requests = helm_io.read_requests(args.input_path)[:n]
-    encoded = run.encode_all(args, tokenizer, model.config, list(enumerate(requests)))
+    requests = helm_io.read_requests(options.input_path)[:n]
+    encoded = encode_all(options, tokenizer, model.config, list(enumerate(requests)))
     prompt_tokens = sum(len(e.ids) for e in encoded)
-    small = make_policy("h2o", *POLICIES[policy]) if POLICIES[policy] is not None else None
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -128,7 +127,7 @@ def one_run(model, tokenizer, inputs: Path, engine: str, policy: str, batch: int
     try:
         torch.cuda.synchronize()
         with results.ResultsWriter(output, requests) as writer:
-            served = run.run(args, model, tokenizer, encoded, small, writer, engine, halve_on_oom=False)
+            served = run(options, model, tokenizer, encoded, options.build_policy(), writer, engine, halve_on_oom=False)
     except torch.OutOfMemoryError:
         return {**row, "oom": True}
     floor = 2 * multiplied * (prompt_tokens + served.generated) / floor_rate

@@ -8,7 +8,7 @@ from h2o.lab.analysis import (
     deciles, h2o_kept, kept_after_prompt, oracle, prompt_attention_by_head, recall, summary_attention,
 )
 from h2o.engine.reference.generation import Sampling, generate
-from h2o.lab.sweep import Point
+from h2o.lab.points import Point
 
 
 def _summary(model, tokenizer, prompt):

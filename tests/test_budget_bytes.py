@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_prompts
 from h2o.engine.reference.generation import Decoder, Eviction
-from h2o.lab.sweep import BUDGETS, Point
+from h2o.lab.points import BUDGETS, Point
 
 SAME_SPLIT = ("h2o", "h2o-avg", "h2o-sink", "h2o-shrink", "knorm", "snapkv", "pyramidkv", "adakv")
 

@@ -8,6 +8,7 @@ import torch
 
 from conftest import ROOT, random_prompts, tiny_llama
 from h2o.serve import cli as run
+from h2o.serve.prompts import encode
 from h2o.engine.fast.engine import FastEngine
 from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
@@ -101,7 +102,7 @@ def smollm2():
 
     tokenizer, _ = models.load_tokenizer()
     lines = (ROOT / "data" / "xsum.jsonl").read_text().splitlines()[:4]
-    prompts = [run.encode(tokenizer, json.loads(line)["request"]["prompt"], "on")[0] for line in lines]
+    prompts = [encode(tokenizer, json.loads(line)["request"]["prompt"], "on")[0] for line in lines]
     return models.load_model(), tokenizer, prompts
 
 

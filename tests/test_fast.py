@@ -88,7 +88,7 @@ def test_refuses_a_policy_with_its_own_selection(gqa):
 @pytest.fixture(scope="module")
 def smollm2():
     from h2o import models
-    from h2o.serve.cli import encode
+    from h2o.serve.prompts import encode
 
     tokenizer, _ = models.load_tokenizer()
     lines = (ROOT / "data" / "xsum.jsonl").read_text().splitlines()[1:3]

@@ -179,7 +179,7 @@ def test_scores_and_kept_tokens_are_the_oracles_at_every_step(plain_models, mode
 @pytest.fixture(scope="module")
 def smollm2():
     from h2o import models
-    from h2o.serve.cli import encode
+    from h2o.serve.prompts import encode
 
     tokenizer, _ = models.load_tokenizer()
     lines = (ROOT / "data" / "xsum.jsonl").read_text().splitlines()[1:3]

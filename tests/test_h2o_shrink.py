@@ -7,7 +7,8 @@ import torch
 from conftest import random_prompts
 from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import Budget, make_policy
-from h2o.lab.sweep import Point, points, policy_spec
+from h2o.lab.points import Point, points, policy_spec
+from h2o.serve.options import ServeOptions
 
 # 10 tokens seen, heavy 1, recent 3: the window is 8, 9 (and the next token), 7 is parked, and
 # one heavy hitter is chosen from 0-6. Token 0 has the largest sum (5.0 over 10 queries), token 6
@@ -83,8 +84,10 @@ def test_the_knob_reaches_run_helm_and_is_refused_for_other_policies():
 
     point = Point("h2o-shrink", 0.2, 0.5)
     assert point.name == "h2o-shrink_0.5-20" and point.label == "h2o-shrink:0.5"
-    assert point.run_flags()[-2:] == ["--shrink", "0.5"] and point.eviction().policy.shrink == 0.5
-    assert Point("h2o-shrink", 0.2).run_flags()[-1] == "0.1" and Point("h2o-shrink", 0.2).name == "h2o-shrink-20"
+    base = ServeOptions("out.jsonl")
+    assert point.serve_options(base).shrink == 0.5 and point.eviction().policy.shrink == 0.5
+    default = Point("h2o-shrink", 0.2).serve_options(base)
+    assert (default.recent_ratio, default.shrink) == (0.1, None) and Point("h2o-shrink", 0.2).name == "h2o-shrink-20"
     assert [p.name for p in points(["h2o", "h2o-shrink:0.1"], [0.04])] == ["full", "h2o-04", "h2o-shrink_0.1-04"]
     for spec, message in (("h2o:0.5", "h2o has no knob to set"), ("h2o-shrink:x", "'x' is not a number"),
                           ("nope", "unknown policy")):

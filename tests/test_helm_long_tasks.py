@@ -105,7 +105,7 @@ def test_requests_fit_smollm2_as_run_helm_reads_them():
     """Templated as run_helm.py templates them, every multi_news request fits SmolLM2's 8,192
     tokens, and every needle fills its length without passing it."""
     from h2o import models
-    from h2o.serve.cli import encode
+    from h2o.serve.prompts import encode
 
     tokenizer, config = models.load_tokenizer()
     assert config.max_position_embeddings == CONTEXT

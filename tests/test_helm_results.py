@@ -13,7 +13,7 @@ from helm.common.request import Request
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "helm"))
 
-from lab_helm import evaluate, testing  # noqa: E402
+from lab_helm import evaluate, results, testing  # noqa: E402
 from lab_helm.client import MissingResultError, ResultsFileClient  # noqa: E402
 from lab_helm.requests import request_dict  # noqa: E402
 
@@ -21,8 +21,8 @@ from lab_helm.requests import request_dict  # noqa: E402
 @pytest.fixture(scope="module")
 def good():
     """(request, result) pairs for the first 5 requests: the lead of each article as summary."""
-    return [(r, testing.fake_result(testing.lead(a["document"])))
-            for r, a in zip(testing.requests(5), testing.articles(5))]
+    return [(r, testing.fake_result(testing.lead(a["document"]), finished_at=i + 1.0))  # served one at a time
+            for i, (r, a) in enumerate(zip(testing.requests(5), testing.articles(5)))]
 
 
 def error_lines(done) -> list[str]:
@@ -123,6 +123,30 @@ def test_prepare_stages_the_run(tmp_path, good, capsys):
     summary = json.loads((suite / "generation-llama.json").read_text())
     assert summary["requests"] == 5 and summary["kv_cache"]["policy"] == "full"
     assert summary["tokens_per_second"] == pytest.approx(summary["generated_tokens"] / 5.0)
+
+
+@pytest.mark.parametrize("timing, seconds", [
+    # (latency, finished_at) per request.
+    ([(2.0, 2.0), (2.0, 2.0), (3.0, 5.0), (3.0, 5.0)], 5.0),  # lock step: two batches of two, one after the other
+    ([(6.0, 6.0), (1.0, 1.0), (1.0, 2.0)], 6.0),  # continuous batching, 2 rows: one long request beside two short
+    ([(1.0, 1.0), (2.0, 102.0)], 3.0),  # resumed 99 s after the first run ended
+    ([(1.0, 1.0), (1.0, None)], None),  # a result that does not say when it ended
+])
+def test_generation_seconds_are_the_time_any_request_was_in_flight(tmp_path, timing, seconds):
+    rows = [(r, testing.fake_result(testing.lead(a["document"]), latency, finished_at=end))
+            for (latency, end), r, a in zip(timing, testing.requests(len(timing)), testing.articles(len(timing)))]
+    path = testing.write_results(tmp_path / "r.jsonl", rows)
+    summary = evaluate.generation_summary(results.load(path), path)
+    assert summary["generation_seconds"] == seconds
+    if seconds is None:
+        assert summary["tokens_per_second"] is None
+    else:
+        assert summary["tokens_per_second"] == pytest.approx(summary["generated_tokens"] / seconds)
+
+
+def test_busy_seconds_is_the_length_of_the_spans_union():
+    assert evaluate.busy_seconds([]) == 0.0
+    assert evaluate.busy_seconds([(0.0, 4.0), (1.0, 2.0), (3.0, 6.0), (10.0, 11.0)]) == 7.0
 
 
 # The client HELM calls.

@@ -6,15 +6,18 @@ import pytest
 import torch
 
 from h2o.lab import report
-from h2o.lab.sweep import Point, points
+from h2o.lab.points import Point, points
+from h2o.serve.options import ServeOptions
 
 
 def test_points_split_budgets_as_the_paper():
     assert Point("h2o", 0.2).ratios() == (0.1, 0.1)
     assert Point("local", 0.2).ratios() == (0.0, 0.2)
     assert Point("h2o-sink", 0.2).ratios() == (0.1, 0.1) and Point("tova", 0.2).ratios() == (0.0, 0.2)
-    assert Point("local", 0.2).run_flags()[:3] == ["--enable_small_cache", "--policy", "h2o"]
-    assert Point("sink", 0.04).name == "sink-04" and Point("full", 1.0).run_flags() == []
+    base = ServeOptions("out.jsonl")
+    local = Point("local", 0.2).serve_options(base)
+    assert (local.enable_small_cache, local.policy) == (True, "h2o")
+    assert Point("sink", 0.04).name == "sink-04" and Point("full", 1.0).serve_options(base) == base
     grid = points(["h2o", "local"], [0.1, 0.2])
     assert [p.name for p in grid] == ["full", "h2o-10", "local-10", "h2o-20", "local-20"]
 
@@ -184,7 +187,7 @@ def test_a_sweep_of_more_articles_than_the_task_has_takes_them_all(tmp_path, mon
     from h2o.lab import sweep
 
     seen = []
-    monkeypatch.setattr(sweep.Sweep, "generate", lambda self, point, tag: seen.append(self.args.n))
+    monkeypatch.setattr(sweep.Sweep, "generate", lambda self, point, tag: seen.append(self.options.n))
     assert sweep.main(["--reports", str(tmp_path), "--task", "needle", "--n", "500", "--policies", "h2o",
                        "--budgets", "0.2", "--device", "cpu", "--stage", "generate"]) == 0
     assert seen == [100, 100] and "data/needle.jsonl has 100 requests" in capsys.readouterr().out

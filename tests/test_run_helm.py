@@ -1,11 +1,15 @@
 """run_helm.py end to end on a tiny saved model: the output contract, resume and every bad input."""
 
 import json
+import time
+from dataclasses import replace
 
 import pytest
 
 from conftest import random_prompts, save_tiny_model
 from h2o.serve.cli import main
+from h2o.serve.options import ServeOptions
+from h2o.serve.serve import serve
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +183,48 @@ def test_every_registered_policy_runs_through_run_helm(model_dir, tmp_path):
         out = tmp_path / f"{name}.jsonl"
         assert _run(model_dir, inp, out, "--enable_small_cache", "--policy", name) == 0
         assert {line["result"]["kv_cache"]["policy"] for line in _lines(out)} == {name}
+
+
+def test_serve_takes_the_options_the_command_line_parses(model_dir, tmp_path):
+    inp = _requests(tmp_path / "in.jsonl", n=2)
+    options = ServeOptions(str(tmp_path / "api.jsonl"), input_path=str(inp), model_name=str(model_dir), no_cuda=True,
+                           enable_small_cache=True, policy="h2o-shrink", shrink=0.5)
+    argv = ["--input_path", str(inp), "--output_path", str(tmp_path / "api.jsonl"), "--model_name", str(model_dir),
+            "--no_cuda", "--enable_small_cache", "--policy", "h2o-shrink", "--shrink", "0.5"]
+    assert ServeOptions.from_argv(argv) == options
+    assert options.build_policy().shrink == 0.5 and replace(options, enable_small_cache=False).build_policy() is None
+    served = serve(options)
+    lines = _lines(tmp_path / "api.jsonl")
+    assert served.generated == sum(len(line["result"]["choices"][0]["logprobs"]["tokens"]) for line in lines) > 0
+    assert _run(model_dir, inp, tmp_path / "cli.jsonl", *argv[6:]) == 0
+    assert [line["result"]["choices"] for line in _lines(tmp_path / "cli.jsonl")] == [
+        line["result"]["choices"] for line in lines]
+    assert serve(options).generated == 0  # all there: nothing served again
+    for change, message in (({"batch_size": 0}, "--batch_size must be at least 1, got 0"),
+                            ({"output_path": ""}, "--output_path is required"),
+                            ({"policy": "h2o"}, "--shrink: only for --policy h2o-shrink, not h2o")):
+        with pytest.raises(ValueError, match=message):
+            replace(options, **change)
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_each_result_holds_its_own_latency_and_when_it_ended(model_dir, tmp_path, engine):
+    inp = _requests(tmp_path / "in.jsonl", n=5)
+    began = time.time()
+    assert _run(model_dir, inp, tmp_path / "out.jsonl", "--enable_small_cache", "--batch_size", "2",
+                "--engine", engine) == 0
+    ended = time.time()
+    results = [line["result"] for line in _lines(tmp_path / "out.jsonl")]
+    spans = sorted((r["finished_at"] - r["request_time"], r["finished_at"]) for r in results)
+    assert all(began <= start < end <= ended for start, end in spans)
+    assert {r["batch_size"] for r in results} == {2}
+    slack = 0.05  # the span's two clocks (latency, wall time) are read apart
+    # At no moment more requests in flight than the batch holds.
+    for start, _ in spans:
+        assert sum(1 for s, e in spans if s - slack <= start < e - slack) <= 2
+    if engine == "reference":
+        # Batches by prompt length (5 prompts of growing length: rows 0-1, 2-3, 4), one after another,
+        # each row's latency its batch's wall time.
+        times = [r["request_time"] for r in results]
+        assert times[0] == times[1] and times[2] == times[3]
+        assert spans[2][0] >= spans[1][1] - slack and spans[4][0] >= spans[3][1] - slack

@@ -10,7 +10,7 @@ from conftest import ROOT
 from h2o import models
 from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
-from h2o.serve.cli import encode
+from h2o.serve.prompts import encode
 from paper_reference import paper_greedy
 
 NEW_TOKENS = 20

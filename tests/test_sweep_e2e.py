@@ -76,7 +76,7 @@ NOT_ON_THE_GPU_MACHINE = ("helm", "rouge_score", "nltk", "lab_helm.evaluate")
 
 def _generate_without_helm(argv: list[str]) -> subprocess.CompletedProcess:
     blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in NOT_ON_THE_GPU_MACHINE)
-    script = (f"import sys; {blocked}; from h2o import sweep; code = sweep.main({argv!r}); "
+    script = (f"import sys; {blocked}; from h2o.lab import sweep; code = sweep.main({argv!r}); "
               "assert not [m for m in sys.modules if m.startswith(('helm.', 'rouge_score.', 'nltk.'))]; "
               "sys.exit(code)")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
@@ -197,7 +197,7 @@ def test_a_negative_fidelity_batch_is_refused_before_anything_runs(tmp_path, cap
 
 
 def test_fidelity_batches_hold_prompts_of_similar_lengths():
-    from h2o.lab.sweep import by_length
+    from h2o.lab.fidelity import by_length
 
     prompts = [[0] * n for n in (5, 2, 9, 3, 7)]
     assert by_length(prompts, 2) == [[1, 3], [0, 4], [2]]
@@ -252,7 +252,7 @@ def test_a_rerun_skips_every_finished_point(swept, monkeypatch, capsys):
     report = swept["report"]
     before = {p.name: p.read_bytes() for p in (report / "points").glob("*.json")}
     results = {p.name: p.read_bytes() for p in (report / "results").glob("*.jsonl")}
-    for name in ("run_helm", "_helm", "Fidelities"):
+    for name in ("serve", "_helm", "Fidelities"):
         monkeypatch.setattr(sweep, name, never)
     capsys.readouterr()
     assert sweep.main(swept["argv"]) == 0
@@ -298,7 +298,7 @@ def test_a_point_killed_before_its_record_is_redone_and_never_reported_half_done
 
     argv = [*swept["argv"][:-1], str(tmp_path / "reports")]  # the same sweep, another report folder
     output = tmp_path / "benchmark_output"
-    script = ("import sys; from pathlib import Path; from h2o import sweep; "
+    script = ("import sys; from pathlib import Path; from h2o.lab import sweep; "
               f"sweep.BENCHMARK_OUTPUT = Path({str(output)!r}); sys.exit(sweep.main({argv!r}))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "output_path": str(output),
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "helm"), str(ROOT / "tests")])}

@@ -13,7 +13,8 @@ from transformers import LlamaConfig, OPTConfig
 
 from conftest import ROOT, random_prompts
 from h2o import models
-from h2o.serve.cli import main, parser
+from h2o.serve.cli import main
+from h2o.serve.options import parser
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")

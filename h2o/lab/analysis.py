@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from h2o import models
-from h2o.lab import report
 from h2o.engine.reference.generation import Decoder, Eviction
+from h2o.lab import report
+from h2o.lab.fidelity import greedy_continuations
+from h2o.lab.points import POLICIES, Point, parse_budgets, parse_policies, write_json
+from h2o.lab.points import points as points_of
+from h2o.lab.settings import ReportSettings
 from h2o.policies import Budget, Policy
-from h2o.lab.sweep import points as points_of
-from h2o.lab.sweep import (
-    POLICIES, Point, _write_json, add_model_flags, greedy_continuations, report_folder, task_prompts,
-)
 
 DECILES = 10
 SINKS = 4  # "the first tokens", as StreamingLLM's default
@@ -214,41 +216,60 @@ def plot(analysis: dict, folder: Path, budget: float) -> None:
     report.save_figure(fig, ax, folder / "recall_by_layer.png")
 
 
-def write(folder: Path, model, tokenizer, args: argparse.Namespace, points: list[Point], n: int) -> None:
+def write(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: ReportSettings,
+          points: list[Point], n: int) -> None:
     """The analysis of `points` on the task's first `n` articles: analysis.json, .md and the plot
     (at the budget closest to 20%) in `folder`."""
-    requests, prompts = task_prompts(args, tokenizer, n)
+    requests, prompts = settings.task_prompts(tokenizer, n)
     continuations = greedy_continuations(model, tokenizer, requests, prompts, [[i] for i in range(len(prompts))])
-    analysis = {"dtype": args.dtype, "device": str(model.device), "names": [p.name for p in points],
+    analysis = {"dtype": settings.dtype, "device": str(model.device), "names": [p.name for p in points],
                 **analyse(model, prompts, continuations, points)}
-    _write_json(folder / "analysis.json", analysis)
+    write_json(folder / "analysis.json", analysis)
     (folder / "analysis.md").write_text(markdown(analysis, folder))
     plot(analysis, folder, min({p.budget for p in points}, key=lambda b: abs(b - 0.2)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
-    p.add_argument("--n", type=int, default=20, help="articles")
-    p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.04, 0.2])
-    p.add_argument("--policies", type=lambda s: s.split(","),
-                   default=list(POLICIES))
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    args = p.parse_args(argv)
-    if args.n < 1 or any(not 0 < b < 1 for b in args.budgets):
-        print("analysis: error: --n must be at least 1 and --budgets lie in (0, 1)", file=sys.stderr)
-        return 2
-    try:
-        points = points_of(args.policies, args.budgets)[1:]  # the full cache is no point here
-        for point in points:
+@dataclass(frozen=True)
+class AnalysisOptions(ReportSettings):
+    """This module's flags, checked when made (a bad value raises ValueError naming its flag)."""
+
+    n: int = 20  # articles
+    budgets: tuple[float, ...] = (0.04, 0.2)
+    policies: tuple[str, ...] = POLICIES
+    device: str = "cpu"
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None = None) -> AnalysisOptions:
+        """The command line (None: sys.argv); a malformed one exits as argparse does."""
+        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        ReportSettings.add_flags(p)
+        p.add_argument("--n", type=int, default=cls.n, help="articles")
+        p.add_argument("--budgets", type=parse_budgets, default=cls.budgets)
+        p.add_argument("--policies", type=parse_policies, default=cls.policies)
+        p.add_argument("--device", default=cls.device, help="cpu, cuda, ...")
+        return cls(**vars(p.parse_args(argv)))
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or any(not 0 < b < 1 for b in self.budgets):
+            raise ValueError("--n must be at least 1 and --budgets lie in (0, 1)")
+        for point in self.points():
             point.eviction()
-        tokenizer, _ = models.load_tokenizer(args.model, args.arch)
+
+    def points(self) -> list[Point]:
+        return points_of(self.policies, self.budgets)[1:]  # the full cache is no point here
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        options = AnalysisOptions.from_argv(argv)
+        tokenizer, _ = models.load_tokenizer(options.model, options.arch)
     except (ValueError, FileNotFoundError) as error:
         print(f"analysis: error: {error}", file=sys.stderr)
         return 2
-    folder = report_folder(args)
+    folder = options.folder
     folder.mkdir(parents=True, exist_ok=True)
-    write(folder, models.load_model(args.model, args.device, args.dtype), tokenizer, args, points, args.n)
+    model = models.load_model(options.model, options.device, options.dtype)
+    write(folder, model, tokenizer, options, options.points(), options.n)
     print(f"analysis: {folder / 'analysis.md'}")
     return 0
 

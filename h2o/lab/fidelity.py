@@ -3,16 +3,20 @@
 Along the full cache's greedy continuation (teacher-forced), compare the next-token
 distributions: KL(full || small) and whether the small cache's greedy token is the same. Neither
 needs a reference summary, and both separate policies with far fewer articles than ROUGE.
+Prompts go in batches of similar lengths (`by_length`, `in_batches`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from h2o.engine.reference.generation import Decoder, Eviction
+from h2o.engine import Sampling
+from h2o.engine.reference.generation import Decoder, Eviction, generate
+from h2o.serve import helm_io
 
 
 @dataclass(frozen=True)
@@ -80,3 +84,27 @@ def against_full(
         agree = small.argmax(-1) == torch.tensor(continuations[row], device=small.device)
         results[row] = Fidelity(kl.tolist(), agree.tolist())
     return results
+
+
+def by_length(prompts: list[list[int]], size: int) -> list[list[int]]:
+    """The prompts' indices in batches of `size`, shortest first: batches of similar lengths waste
+    little on padding."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def in_batches(batches: list[list[int]], compute: Callable[[list[int]], list]) -> list:
+    """`compute(rows)` for each batch of article indices; the results back in article order."""
+    results = [None] * sum(len(rows) for rows in batches)
+    for rows in batches:
+        for i, value in zip(rows, compute(rows)):
+            results[i] = value
+    return results
+
+
+def greedy_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: list[helm_io.Request],
+                         prompts: list[list[int]], batches: list[list[int]]) -> list[list[int]]:
+    """The full cache's greedy token ids for each prompt, up to the request's length and stops."""
+    return in_batches(batches, lambda rows: [c.token_ids for c in generate(
+        model, tokenizer, [prompts[i] for i in rows],
+        [Sampling(max_new_tokens=requests[i].max_tokens, stop=requests[i].stop) for i in rows])])

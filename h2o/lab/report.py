@@ -25,10 +25,9 @@ from cycler import cycler  # noqa: E402
 from h2o import jsonl  # noqa: E402
 from h2o.lab import paired  # noqa: E402
 from h2o.lab.paired import shown  # noqa: E402
+from h2o.lab.points import LOCAL  # noqa: E402
 from h2o.models import DEFAULT_MODEL  # noqa: E402
-from h2o.policies import POLICIES  # noqa: E402
 
-KNOWN_POLICIES = tuple(POLICIES)
 # Points scored before the tasks named their scores hold XSUM's.
 XSUM_SCORES, XSUM_MAIN = ("rouge_1", "rouge_2", "rouge_l"), "rouge_2"
 PLOT_FILES = {"rouge_2": "rouge2", "rouge_l": "rougel", "ruler_string_match_part": "recall"}
@@ -278,7 +277,7 @@ def grid_plot(folder: Path, points: list[dict]) -> None:
     main = scores(points)[1]
     celled = [p for p in points if p.get("cells")]
     full = next((p for p in celled if p["policy"] == "full"), None)
-    kinds = [name for name in ("h2o", "local") if any(p["policy"] == name for p in celled)]
+    kinds = [name for name in ("h2o", LOCAL) if any(p["policy"] == name for p in celled)]
     budgets = sorted({p["budget"] for p in celled if p["policy"] in kinds})
     if full is None and not kinds:
         return

@@ -1,9 +1,9 @@
 """HELM requests in, HELM results out, one JSON object a line.
 
 Input lines: {"request": {"prompt", "temperature", "max_tokens", "stop", "top_p", "n", ...}}.
-Output lines: {"request": <as read>, "result": {"choices": [...], "request_time", ...}}, in input
-order (`h2o.serve.results` writes them: whole lines, synced, so an interrupted run leaves a valid prefix
-to resume from).
+Output lines: {"request": <as read>, "result": {"choices": [...], "request_time", "finished_at", ...}},
+in input order (`h2o.serve.results` writes them: whole lines, synced, so an interrupted run leaves a
+valid prefix to resume from).
 """
 
 from __future__ import annotations
@@ -113,8 +113,12 @@ def completed_count(output: str | Path, requests: list[Request]) -> int:
     return done
 
 
-def result_record(request: Request, completion: Completion, seconds: float, batch_size: int,
-                  chat_template: bool) -> dict:
+def result_record(request: Request, completion: Completion, batch_size: int, chat_template: bool,
+                  finished_at: float) -> dict:
+    """The output line of one request. `request_time`: its latency, from its start to its result
+    (`Completion.seconds`: a lock-step batch's wall time, or admission to end under continuous
+    batching); `finished_at`: when its result existed, in Unix seconds, so that a reader can place
+    the request in time; `batch_size`: the sequences decoded at once."""
     return {
         "request": request.raw,
         "result": {
@@ -130,7 +134,8 @@ def result_record(request: Request, completion: Completion, seconds: float, batc
                     "finish_reason": completion.finish_reason,
                 }
             ],
-            "request_time": seconds,
+            "request_time": completion.seconds,
+            "finished_at": finished_at,
             "batch_size": batch_size,
             "chat_template": chat_template,
             "kv_cache": completion.kv_cache,

@@ -36,11 +36,18 @@ def write_whole(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
-class WriteError(OSError):
+class Stopped(Exception):
+    """A run stopped once results may exist, those on disk kept for a rerun to resume. `saved`: what
+    the output holds then (`ResultsWriter.saved`), where this process writes it."""
+
+    saved: str | None = None
+
+
+class WriteError(Stopped, OSError):
     """A result could not be written; the message names the file and what is safe."""
 
 
-class Interrupted(Exception):
+class Interrupted(Stopped):
     """SIGINT or SIGTERM arrived; raised between writes, never inside one."""
 
     def __init__(self, signum: int) -> None:
@@ -206,9 +213,10 @@ class ResultsWriter:
         if self.done == len(self.requests) and self.journal.exists():
             self.journal.unlink()
 
-    @property
-    def complete(self) -> bool:
-        return self.done == len(self.requests)
+    def saved(self) -> str:
+        """How many results the output and its pending file hold, in words."""
+        pending = f", {len(self.pending)} more in {self.journal}" if self.pending else ""
+        return f"{self.done} of {len(self.requests)} results in {self.output}{pending}"
 
     def close(self) -> None:
         for fd in (self._out, self._journal):

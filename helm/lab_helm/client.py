@@ -55,8 +55,10 @@ class ResultsFileClient(Client):
         return RequestResult(
             success=True,
             cached=False,
+            # The request's latency (the reference engine: its lock-step batch's wall time; the fast engine:
+            # its admission to its end), given as HELM's offline batch timing: HELM's runtime is this latency and
+            # its denoised runtime the latency over batch_size, the time per request with the batch's rows full.
             request_time=seconds,
-            # run_helm.py times whole batches: HELM's efficiency metrics divide by the batch size.
             batch_request_time=seconds if batch_size else None,
             batch_size=batch_size,
             completions=[_output(choice) for choice in result["choices"]],

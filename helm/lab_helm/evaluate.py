@@ -64,10 +64,24 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the (start, end) spans: the time during which one at least was open."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def generation_summary(records: list[results.Record], path: Path) -> dict:
     """KV cache and speed of the generation, from run_helm.py's result fields."""
     kv = [r.result.get("kv_cache") or {} for r in records]
-    tokens, seconds = 0, 0.0
+    tokens = 0
     counted = True
     for r in records:
         choices = r.result["choices"]
@@ -76,9 +90,15 @@ def generation_summary(records: list[results.Record], path: Path) -> dict:
             counted = False
         else:
             tokens += sum(len(lp["tokens"]) for lp in logprobs)
-        t, b = r.result.get("request_time"), r.result.get("batch_size") or 1
-        if isinstance(t, (int, float)):
-            seconds += t / b  # every request of a batch carries the batch's time
+    # Generation seconds: the wall time during which at least one request was being generated, i.e. the
+    # union of the requests' spans [finished_at - request_time, finished_at] (request_time: the request's
+    # latency). This is right for lock-step batches (one after another) and for continuous batching (rows
+    # admitted and ended apart, where latencies over the batch size miscount) alike, and counts neither the
+    # pause of a resumed run nor twice the time of ranks working at once. None unless every result has both
+    # times. tok/s: generated tokens over these seconds.
+    spans = [(r.result["finished_at"] - r.result["request_time"], r.result["finished_at"]) for r in records
+             if _number(r.result.get("request_time")) and _number(r.result.get("finished_at"))]
+    seconds = busy_seconds(spans) if len(spans) == len(records) else None
     first = kv[0]
 
     def mean_of(key: str) -> float | None:

@@ -27,14 +27,16 @@ def articles(n: int | None = None) -> list[dict]:
     return rows[:n] if n else rows
 
 
-def fake_result(text: str, seconds: float = 1.0, policy: str = "full") -> dict:
+def fake_result(text: str, seconds: float = 1.0, policy: str = "full", finished_at: float | None = None) -> dict:
+    """A result of run_helm.py's shape for `text`: `seconds` its latency, ending at `finished_at`
+    (None: a result that does not say when it ended)."""
     words = text.split(" ")
     tokens = [(" " if i else "") + w for i, w in enumerate(words)]
     kv = {"policy": policy, "mode": "full" if policy == "full" else "drop", "prompt_tokens": 400,
           "kv_bytes_peak": 4096 * 400, "kv_bytes_full": 4096 * 400}
     if policy != "full":
         kv.update(heavy_ratio=0.1, recent_ratio=0.1, heavy_budget=40, recent_budget=40, kv_bytes_peak=4096 * 80)
-    return {
+    result = {
         "choices": [{
             "text": text,
             "logprobs": {"tokens": tokens, "token_logprobs": [-1.0] * len(tokens),
@@ -47,6 +49,9 @@ def fake_result(text: str, seconds: float = 1.0, policy: str = "full") -> dict:
         "kv_cache": kv,
         "chat_template": False,
     }
+    if finished_at is not None:
+        result["finished_at"] = finished_at
+    return result
 
 
 def lead(document: str, words: int = 20) -> str:

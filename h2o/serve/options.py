@@ -1,0 +1,141 @@
+"""What a served run is asked to do: every flag of run_helm.py as a typed field of `ServeOptions`,
+parsed and checked in one place."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from h2o import models
+from h2o.engine.reference.attention import ATTENTION_IMPLEMENTATIONS
+from h2o.engine.reference.evicting_cache import KV_MODES
+from h2o.policies import POLICIES, Policy, WithSinks, make_policy
+from h2o.serve import distributed
+
+CHAT_TEMPLATE = ("auto", "on", "off")
+ENGINES = ("auto", "reference", "fast")
+
+
+def parser() -> argparse.ArgumentParser:
+    """run_helm.py's flags: each sets the `ServeOptions` field of its name, and defaults to it."""
+    p = argparse.ArgumentParser(description="The command line behind run_helm.py: HELM requests through a model "
+                                            "with a full or small KV cache.")
+    # The paper's flags, same names and defaults.
+    p.add_argument("--input_path", default=ServeOptions.input_path, help="HELM requests, one JSON a line")
+    p.add_argument("--output_path", default="", help="results jsonl (appended; reruns resume)")
+    p.add_argument("--model_name", default=ServeOptions.model_name,
+                   help="hub id (local cache), model folder or .gguf file; default: embedded SmolLM2")
+    p.add_argument("--model_arch", default=ServeOptions.model_arch, help=f"one of {', '.join(models.SUPPORTED_ARCHS)}")
+    p.add_argument("--cache_dir", default=None, help="Hugging Face cache folder for hub ids")
+    p.add_argument("--enable_small_cache", action="store_true", help="evict with --policy; else full cache")
+    p.add_argument("--heavy_ratio", type=float, default=ServeOptions.heavy_ratio,
+                   help="heavy-hitter budget / prompt length")
+    p.add_argument("--recent_ratio", type=float, default=ServeOptions.recent_ratio,
+                   help="recent-window budget / prompt length")
+    p.add_argument("--sample_num", type=int, default=ServeOptions.sample_num, help="use the first N requests")
+    p.add_argument("--k", type=int, default=ServeOptions.k, help="top-k sampling (0: off)")
+    p.add_argument("--seed", type=int, default=ServeOptions.seed)
+    p.add_argument("--no_cuda", action="store_true", help="never use a GPU")
+    p.add_argument("--fp16", action="store_true", help="same as --dtype float16")
+    # Ours.
+    p.add_argument("--kv_mode", choices=KV_MODES, default=ServeOptions.kv_mode,
+                   help="drop: evict for real; mask: the paper's simulation (masks, keeps memory)")
+    p.add_argument("--policy", choices=sorted(POLICIES), default=ServeOptions.policy,
+                   help="which tokens a small cache keeps (h2o is the paper's)")
+    p.add_argument("--sink_size", type=int, default=ServeOptions.sink_size,
+                   help="first tokens kept by --policy sink and h2o-sink")
+    p.add_argument("--shrink", type=float, default=None,
+                   help="--policy h2o-shrink: a token's attention per later query, shrunk by this share "
+                        "of the tokens seen (default 0.25)")
+    p.add_argument("--engine", choices=ENGINES, default=ServeOptions.engine,
+                   help="fast: static slots, continuous batching, CUDA graphs; reference: the readable "
+                        "oracle (mask mode, --attention); auto: fast wherever it can serve")
+    p.add_argument("--attention", choices=sorted(ATTENTION_IMPLEMENTATIONS), default=ServeOptions.attention,
+                   help="attention kernel of the reference engine under the small cache")
+    p.add_argument("--batch_size", type=int, default=ServeOptions.batch_size,
+                   help="sequences decoded at once (the fast engine refills a row as soon as it ends)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--dtype", choices=sorted(models.DTYPES), default=ServeOptions.dtype)
+    p.add_argument("--tensor_parallel", nargs="?", type=int, const=distributed.Ranks.from_env().world, metavar="K",
+                   help="under torchrun: shard the model over K ranks (default: all) by transformers' tensor-parallel "
+                        "plan, each rank holding the cache of its own KV heads; N ranks hold N/K copies of the "
+                        "model, which split the requests as data parallel does")
+    p.add_argument("--device_map", default=None,
+                   help="accelerate's placement across devices, e.g. auto (a model too large for one GPU)")
+    p.add_argument("--chat_template", choices=CHAT_TEMPLATE, default=ServeOptions.chat_template,
+                   help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+    return p
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """One served run, checked when made (a bad value raises ValueError naming its flag). The
+    defaults are run_helm.py's; `output_path` has none."""
+
+    output_path: str
+    input_path: str = "data/xsum.jsonl"
+    model_name: str = models.DEFAULT_MODEL
+    model_arch: str = "llama"
+    cache_dir: str | None = None
+    enable_small_cache: bool = False  # False: the full cache, whatever the policy flags say
+    heavy_ratio: float = 0.1
+    recent_ratio: float = 0.1
+    sample_num: int = 1000
+    k: int = 0
+    seed: int = 42
+    no_cuda: bool = False
+    fp16: bool = False
+    kv_mode: str = "drop"  # one of KV_MODES
+    policy: str = "h2o"  # a name in h2o.policies.POLICIES
+    sink_size: int = 4
+    shrink: float | None = None  # None: h2o-shrink's default
+    engine: str = "auto"  # one of ENGINES
+    attention: str = "eager"
+    batch_size: int = 1
+    device: str | None = None
+    dtype: str = "float32"
+    tensor_parallel: int | None = None  # ranks per model copy; None: no tensor parallel
+    device_map: str | None = None
+    chat_template: str = "auto"  # one of CHAT_TEMPLATE
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None = None) -> ServeOptions:
+        """run_helm.py's command line (None: sys.argv); a malformed one exits as argparse does."""
+        return cls(**vars(parser().parse_args(argv)))
+
+    def __post_init__(self) -> None:
+        if not self.output_path:
+            raise ValueError("--output_path is required")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.sample_num < 1:
+            raise ValueError(f"--sample_num must be at least 1, got {self.sample_num}")
+        if self.k < 0:
+            raise ValueError(f"--k must be >= 0, got {self.k}")
+        if self.tensor_parallel is not None:
+            world = distributed.Ranks.from_env().world
+            if self.device_map:
+                raise ValueError("--tensor_parallel and --device_map each place the model: give one")
+            if world < 2:
+                raise ValueError("--tensor_parallel: start run_helm.py with torchrun --nproc_per_node N (N >= 2)")
+            if not 2 <= self.tensor_parallel <= world or world % self.tensor_parallel:
+                raise ValueError(f"--tensor_parallel {self.tensor_parallel}: K must be 2 to {world} and divide the "
+                                 f"{world} ranks")
+        if self.shrink is not None and getattr(POLICIES.get(self.policy), "knob", "") != "shrink":
+            raise ValueError(f"--shrink: only for --policy h2o-shrink, not {self.policy}")
+
+    @property
+    def model_dtype(self) -> str:
+        """The weights' dtype: --dtype, or float16 under --fp16."""
+        return "float16" if self.fp16 else self.dtype
+
+    def build_policy(self) -> Policy | None:
+        """The small cache's policy, or None for the full cache; a policy's own checks raise ValueError."""
+        if not self.enable_small_cache:
+            return None
+        # An unknown name gets make_policy's error, which lists the known ones.
+        sinks = issubclass(POLICIES.get(self.policy, Policy), WithSinks)
+        options: dict[str, object] = {"sink_size": self.sink_size} if sinks else {}
+        if self.shrink is not None:
+            options["shrink"] = self.shrink
+        return make_policy(self.policy, self.heavy_ratio, self.recent_ratio, **options)
