@@ -128,6 +128,13 @@ if triton is not None:
             tl.store(Sc + row + slot, 0.0, mask=evict)
 
     @triton.jit
+    def _prompt_logits(q, k, scale):
+        # IEEE products, as the reference's float32 matmul: Triton's default for float32 operands,
+        # TF32, drops 13 mantissa bits of each on a GPU's tensor cores, errors of 1e-3 that reorder
+        # close heavy-hitter scores. Half-precision operands multiply exactly either way.
+        return tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+
+    @triton.jit
     def _row_lse_kernel(
         Q, K, Lse, Start, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         N, HQ, scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -147,7 +154,7 @@ if triton is not None:
         for start in range(0, first_row + BM, BN):
             cols = start + tl.arange(0, BN)
             k = tl.load(k_base + cols[:, None] * stride_kn + d[None, :], mask=cols[:, None] < N, other=0.0)
-            logit = tl.dot(q, tl.trans(k)) * scale
+            logit = _prompt_logits(q, k, scale)
             # Left padding: a real row sees no padding; a padding row sees itself (never NaN).
             seen = (cols[None, :] <= rows[:, None]) & (cols[None, :] < N)
             seen = seen & ((cols[None, :] >= start_b) | (cols[None, :] == rows[:, None]))
@@ -178,7 +185,7 @@ if triton is not None:
             rows = start + tl.arange(0, BM)
             q = tl.load(q_base + rows[:, None] * stride_qn + d[None, :], mask=rows[:, None] < N, other=0.0)
             lse = tl.load(lse_base + rows, mask=rows < N, other=0.0)
-            p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+            p = tl.exp(_prompt_logits(q, k, scale) - lse[:, None])
             # Padding rows do not vote, padding columns receive nothing.
             p = tl.where((cols[None, :] <= rows[:, None]) & (rows[:, None] < N) & (rows[:, None] >= start_b)
                          & (cols[None, :] >= start_b), p, 0.0)
