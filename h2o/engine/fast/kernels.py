@@ -49,15 +49,15 @@ def fits(head_dim: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _tile(Table, stride_tb, b, kv_head, start, S, HKV, PAGE: tl.constexpr, PAGED: tl.constexpr):
-        # Where slot `start` of this (sequence, KV head) lies in the per-slot tensors; a tile's
-        # slots follow it contiguously (a paged tile never crosses a block: BS divides PAGE).
-        # Keys and values: D elements at D times this.
+    def _at(row, Table, stride_tb, b, kv_head, start, HKV, PAGE: tl.constexpr, PAGED: tl.constexpr):
+        # Where slot `start` of this (sequence, KV head) lies in the per-slot tensors (its key and
+        # value at D times that); a tile's slots follow it (a paged tile stays in one block: BS
+        # divides PAGE). Dense: from `row`, the first slot of this (sequence, KV head).
         if PAGED:
             block = tl.load(Table + b * stride_tb + start // PAGE).to(tl.int64)
             return (block * HKV + kv_head) * PAGE + start % PAGE
         else:
-            return (b * HKV + kv_head).to(tl.int64) * S + start
+            return row + start
 
     @triton.jit
     def _decode_kernel(
@@ -76,7 +76,8 @@ if triton is not None:
         g_ok = g < G
         q = tl.load(Q + b * stride_qb + (kv_head * G + g)[:, None] * stride_qh + d[None, :],
                     mask=g_ok[:, None], other=0.0).to(tl.float32)
-        scratch = Logits + pid.to(tl.int64) * GP * S
+        row = pid.to(tl.int64) * S
+        scratch = Logits + row * GP
         # This sequence's slots in use all lie below its limit: the rest are free and skipped.
         used = tl.minimum(tl.load(Limit + b).to(tl.int32), S)
 
@@ -87,7 +88,7 @@ if triton is not None:
         for start in range(0, used, BS):
             s = start + lane
             s_ok = s < used
-            at = _tile(Table, stride_tb, b, kv_head, start, S, HKV, PAGE, PAGED) + lane
+            at = _at(row, Table, stride_tb, b, kv_head, start, HKV, PAGE, PAGED) + lane
             k = tl.load(K + at[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
             logit = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
             visible = tl.load(Act + at, mask=s_ok, other=0) != 0
@@ -110,7 +111,7 @@ if triton is not None:
         for start in range(0, used, BS):
             s = start + lane
             s_ok = s < used
-            at = _tile(Table, stride_tb, b, kv_head, start, S, HKV, PAGE, PAGED) + lane
+            at = _at(row, Table, stride_tb, b, kv_head, start, HKV, PAGE, PAGED) + lane
             logit = tl.load(scratch + g[:, None] * S + s[None, :], mask=s_ok[None, :], other=float("-inf"))
             p = tl.exp(logit - m_row[:, None]) * inv[:, None]
             p = tl.where(g_ok[:, None], p, 0.0)
@@ -138,9 +139,9 @@ if triton is not None:
             # Once over budget, exactly one heavy candidate too many: the lowest-scored goes
             # (the first slot among equals, as torch's argmin).
             low = tl.min(best, axis=0)
-            slot = tl.min(tl.where(best == low, best_slot, S), axis=0)
+            slot = tl.min(tl.where(best == low, best_slot, S), axis=0)  # some lane holds `low`: below S
             evict = over & (heavy > 0) & (low < float("inf"))
-            at = _tile(Table, stride_tb, b, kv_head, tl.where(evict, slot, 0), S, HKV, PAGE, PAGED)
+            at = _at(row, Table, stride_tb, b, kv_head, slot, HKV, PAGE, PAGED)
             tl.store(Pos + at, -1, mask=evict)
             tl.store(Act + at, 0, mask=evict)
             tl.store(Sc + at, 0.0, mask=evict)
