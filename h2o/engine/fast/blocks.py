@@ -63,8 +63,9 @@ class BlockPool:
 
     def free(self, blocks: list[int]) -> None:
         """Give `blocks` back; all or none (a block not handed out, or listed twice, is refused)."""
-        if len(set(blocks)) != len(blocks):
-            raise ValueError(f"blocks listed twice in one free: {sorted(b for b in set(blocks) if blocks.count(b) > 1)}")
+        twice = sorted(b for b in set(blocks) if blocks.count(b) > 1)
+        if twice:
+            raise ValueError(f"blocks listed twice in one free: {twice}")
         stray = [b for b in blocks if b not in self._owned]
         if stray:
             raise ValueError(f"blocks {stray} are not handed out by this pool (freed twice, or not its own)")
@@ -124,9 +125,8 @@ def pool_size(free: int, total: int, gpu_memory_fraction: float, bytes_per_block
 def allocate_row(pool: BlockPool, slots_per_layer: list[int], block_size: int) -> list[list[int]]:
     """A row's blocks of each layer, taken from `pool` at once (all or, raising OutOfBlocks, none)."""
     counts = layer_blocks(slots_per_layer, block_size)
-    blocks = pool.allocate(sum(counts))
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    return [blocks[start:start + n] for start, n in zip(starts, counts)]
+    blocks = iter(pool.allocate(sum(counts)))
+    return [[next(blocks) for _ in range(n)] for n in counts]
 
 
 class BlockTable:

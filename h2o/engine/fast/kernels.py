@@ -296,7 +296,8 @@ def decode_step_paged(
     block_size); `tables` (B, max_blocks) int32, this layer's block table rows of the batch:
     slot s of row i is offset s % block_size of block tables[i, s // block_size]. A row has
     max_blocks * block_size slots; `limits` (B,), where given, bound the slots read (default:
-    all), and table entries past them are never read. block_size: a power of two."""
+    all), and table entries past them are never read. block_size: a power of two. `block` and
+    `warps` as decode_step's (a tile holds one block's slots at most)."""
     return _decode(query, keys, values, positions, active, scores, tables, tables.shape[1] * keys.shape[2],
                    n_tokens, heavy, recent, scaling, has_heavy, block, warps, limits)
 
