@@ -49,15 +49,16 @@ def fits(head_dim: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _at(row, Table, stride_tb, b, kv_head, start, HKV, PAGE: tl.constexpr, PAGED: tl.constexpr):
-        # Where slot `start` of this (sequence, KV head) lies in the per-slot tensors (its key and
-        # value at D times that); a tile's slots follow it (a paged tile stays in one block: BS
-        # divides PAGE). Dense: from `row`, the first slot of this (sequence, KV head).
+    def _at(row, Table, stride_tb, b, kv_head, start, lane, HKV, PAGE: tl.constexpr, PAGED: tl.constexpr):
+        # Where slots start + lane of this (sequence, KV head) lie in the per-slot tensors (their
+        # keys and values at D times that), as a scalar base and 32-bit offsets from it. Dense:
+        # from `row`, its first slot. Paged: from the tile's place in its block (a tile stays in
+        # one block: BS divides PAGE).
         if PAGED:
             block = tl.load(Table + b * stride_tb + start // PAGE).to(tl.int64)
-            return (block * HKV + kv_head) * PAGE + start % PAGE
+            return (block * HKV + kv_head) * PAGE + start % PAGE, lane
         else:
-            return row + start
+            return row, start + lane
 
     @triton.jit
     def _decode_kernel(
@@ -88,10 +89,10 @@ if triton is not None:
         for start in range(0, used, BS):
             s = start + lane
             s_ok = s < used
-            at = _at(row, Table, stride_tb, b, kv_head, start, HKV, PAGE, PAGED) + lane
-            k = tl.load(K + at[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+            base, offset = _at(row, Table, stride_tb, b, kv_head, start, lane, HKV, PAGE, PAGED)
+            k = tl.load(K + base * D + offset[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
             logit = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
-            visible = tl.load(Act + at, mask=s_ok, other=0) != 0
+            visible = tl.load(Act + base + offset, mask=s_ok, other=0) != 0
             logit = tl.where(visible[None, :], logit, float("-inf"))
             tl.store(scratch + g[:, None] * S + s[None, :], logit, mask=s_ok[None, :])
             m_new = tl.maximum(m, logit)
@@ -111,24 +112,24 @@ if triton is not None:
         for start in range(0, used, BS):
             s = start + lane
             s_ok = s < used
-            at = _at(row, Table, stride_tb, b, kv_head, start, HKV, PAGE, PAGED) + lane
+            base, offset = _at(row, Table, stride_tb, b, kv_head, start, lane, HKV, PAGE, PAGED)
             logit = tl.load(scratch + g[:, None] * S + s[None, :], mask=s_ok[None, :], other=float("-inf"))
             p = tl.exp(logit - m_row[:, None]) * inv[:, None]
             p = tl.where(g_ok[:, None], p, 0.0)
-            v = tl.load(V + at[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
+            v = tl.load(V + base * D + offset[:, None] * D + d[None, :], mask=s_ok[:, None], other=0.0).to(tl.float32)
             acc += p[:, :, None] * v[None, :, :]
-            pos = tl.load(Pos + at, mask=s_ok, other=-1)
+            pos = tl.load(Pos + base + offset, mask=s_ok, other=-1)
             present = pos >= 0
             # Without heavy hitters the cache keeps the window alone: drop what left it.
             drop = present & over & (heavy == 0) & (pos <= t - recent)
             keep = present & (drop == 0)
             leaving = over & (heavy > 0) & (pos == t - recent)
-            tl.store(Pos + at, tl.where(keep, pos, -1), mask=s_ok)
-            tl.store(Act + at, (keep & (leaving == 0)).to(tl.uint8), mask=s_ok)
+            tl.store(Pos + base + offset, tl.where(keep, pos, -1), mask=s_ok)
+            tl.store(Act + base + offset, (keep & (leaving == 0)).to(tl.uint8), mask=s_ok)
             if HAS_HEAVY:
-                score = tl.load(Sc + at, mask=s_ok, other=0.0) + tl.sum(p, axis=0)
+                score = tl.load(Sc + base + offset, mask=s_ok, other=0.0) + tl.sum(p, axis=0)
                 score = tl.where(keep, score, 0.0)
-                tl.store(Sc + at, score, mask=s_ok)
+                tl.store(Sc + base + offset, score, mask=s_ok)
                 ranked = tl.where(present & (pos < t - recent), score, float("inf"))
                 lower = ranked < best  # strict: a lane keeps its earliest slot among equals
                 best = tl.where(lower, ranked, best)
@@ -141,10 +142,10 @@ if triton is not None:
             low = tl.min(best, axis=0)
             slot = tl.min(tl.where(best == low, best_slot, S), axis=0)  # some lane holds `low`: below S
             evict = over & (heavy > 0) & (low < float("inf"))
-            at = _at(row, Table, stride_tb, b, kv_head, slot, HKV, PAGE, PAGED)
-            tl.store(Pos + at, -1, mask=evict)
-            tl.store(Act + at, 0, mask=evict)
-            tl.store(Sc + at, 0.0, mask=evict)
+            base, offset = _at(row, Table, stride_tb, b, kv_head, slot, 0, HKV, PAGE, PAGED)
+            tl.store(Pos + base + offset, -1, mask=evict)
+            tl.store(Act + base + offset, 0, mask=evict)
+            tl.store(Sc + base + offset, 0.0, mask=evict)
 
     @triton.jit
     def _prompt_logits(q, k, scale):
