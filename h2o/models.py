@@ -75,8 +75,9 @@ def _converted(gguf: Path) -> Path:
     return folder
 
 
-def _sources(name: str) -> tuple[str, dict]:
-    """The from_pretrained() location and keyword arguments for a model name."""
+def _sources(name: str, cache_dir: str | None = None) -> tuple[str, dict]:
+    """The from_pretrained() location and keyword arguments for a model name; a hub id is looked
+    up in `cache_dir` (the Hugging Face cache folder) when given."""
     if name in ("", DEFAULT_MODEL):
         return str(_converted(embedded_gguf())), {}
     path = Path(name)
@@ -89,21 +90,22 @@ def _sources(name: str) -> tuple[str, dict]:
     if path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
         raise FileNotFoundError(f"--model_name: {name} is neither a model folder nor a .gguf file")
     # A hub id: only what is already in the local Hugging Face cache, never a download.
-    return name, {"local_files_only": True}
+    return name, {"local_files_only": True, **({"cache_dir": cache_dir} if cache_dir else {})}
 
 
-def load_tokenizer(name: str = DEFAULT_MODEL, arch: str = "llama") -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
+def load_tokenizer(name: str = DEFAULT_MODEL, arch: str = "llama",
+                   cache_dir: str | None = None) -> tuple[PreTrainedTokenizerBase, PretrainedConfig]:
     """The tokenizer and config, checked against `arch`: cheap, so bad input fails before the weights load."""
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"--model_arch: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
-    where, kwargs = _sources(name)
+    where, kwargs = _sources(name, cache_dir)
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
     except OSError as error:
         if kwargs.get("local_files_only"):
             raise FileNotFoundError(
                 f"--model_name: {name} is not in the local Hugging Face cache "
-                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); download it first or pass a folder"
+                f"({cache_dir or os.environ.get('HF_HOME', '~/.cache/huggingface')}); download it first or pass a folder"
             ) from error
         raise
     if config.model_type != arch:
@@ -134,13 +136,13 @@ def check_tensor_parallel(config: PretrainedConfig, ranks: int) -> None:
 
 def load_model(
     name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32", device_map: str | None = None,
-    tensor_parallel: int = 0,
+    tensor_parallel: int = 0, cache_dir: str | None = None,
 ) -> PreTrainedModel:
     """The weights, in eval mode on `device`, spread by accelerate's `device_map`, or sharded by
     transformers' tensor-parallel plan over the `tensor_parallel` ranks of the default process group."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-    where, kwargs = _sources(name)
+    where, kwargs = _sources(name, cache_dir)
     if tensor_parallel:
         # tp_size given: transformers would take WORLD_SIZE, every rank of torchrun's, for it.
         plan = DistributedConfig(tp_plan="auto", tp_size=tensor_parallel)

@@ -64,6 +64,15 @@ class Observation:
     window: torch.Tensor | None = None
 
 
+def check_ratios(heavy_ratio: float, recent_ratio: float) -> None:
+    """The paper's budget shares, each in [0, 1] and together at most the whole prompt."""
+    for flag, value in (("--heavy_ratio", heavy_ratio), ("--recent_ratio", recent_ratio)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} must lie in [0, 1], got {value}")
+    if heavy_ratio + recent_ratio > 1.0:
+        raise ValueError(f"--heavy_ratio + --recent_ratio must be at most 1, got {heavy_ratio + recent_ratio}")
+
+
 class Policy(ABC):
     """Base class: the paper's recent-window + heavy-hitter selection over a policy's own score.
 
@@ -83,13 +92,7 @@ class Policy(ABC):
     knob: ClassVar[str] = ""
 
     def __init__(self, heavy_ratio: float, recent_ratio: float) -> None:
-        for flag, value in (("--heavy_ratio", heavy_ratio), ("--recent_ratio", recent_ratio)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{flag} must lie in [0, 1], got {value}")
-        if heavy_ratio + recent_ratio > 1.0:
-            raise ValueError(
-                f"--heavy_ratio + --recent_ratio must be at most 1, got {heavy_ratio + recent_ratio}"
-            )
+        check_ratios(heavy_ratio, recent_ratio)
         self.heavy_ratio = heavy_ratio
         self.recent_ratio = recent_ratio
 

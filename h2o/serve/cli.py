@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
 from h2o.serve import results
 from h2o.serve.options import ServeOptions
 from h2o.serve.serve import serve
@@ -26,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         serve(ServeOptions.from_argv(argv))
     except ERRORS as error:
         return print_error(error)
+    except torch.OutOfMemoryError:
+        # At load, or at a batch of one: results already written stay, and a rerun resumes after them.
+        print("run_helm.py: error: out of GPU memory; try --fp16, a smaller --batch_size or --device_map auto, "
+              "then rerun the same command to resume", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -71,8 +71,11 @@ def read_requests(path: str | Path) -> list[Request]:
             n=_field(raw, "n", int, where, default=1),
             top_logprobs=_field(raw, "top_k_per_token", int, where, default=1),
         )
-        if request.temperature < 0 or request.max_tokens < 1 or not 0 < request.top_p <= 1:
-            raise InputError(f"{where}: need temperature >= 0, max_tokens >= 1 and 0 < top_p <= 1")
+        for wrong, need in ((request.temperature < 0, f"temperature >= 0, got {request.temperature}"),
+                            (request.max_tokens < 1, f"max_tokens >= 1, got {request.max_tokens}"),
+                            (not 0 < request.top_p <= 1, f"0 < top_p <= 1, got {request.top_p}")):
+            if wrong:
+                raise InputError(f"{where}: need {need}")
         if request.n != 1:
             raise InputError(f"{where}: n={request.n}: only one completion per request is supported")
         requests.append(request)

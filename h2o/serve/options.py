@@ -4,14 +4,20 @@ parsed and checked in one place."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
 
 from h2o import models
 from h2o.engine.reference.attention import ATTENTION_IMPLEMENTATIONS
 from h2o.engine.reference.evicting_cache import KV_MODES
 from h2o.policies import POLICIES, Policy, WithSinks, make_policy
+from h2o.policies.base import check_ratios
 from h2o.serve import distributed
 
+log = logging.getLogger("run_helm")
 CHAT_TEMPLATE = ("auto", "on", "off")
 ENGINES = ("auto", "reference", "fast")
 
@@ -123,6 +129,25 @@ class ServeOptions:
                                  f"{world} ranks")
         if self.shrink is not None and getattr(POLICIES.get(self.policy), "knob", "") != "shrink":
             raise ValueError(f"--shrink: only for --policy h2o-shrink, not {self.policy}")
+        if Path(self.output_path).is_dir():
+            raise ValueError(f"--output_path {self.output_path} is a directory; give a file in it, "
+                             f"e.g. {Path(self.output_path) / 'results.jsonl'}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"--device {self.device}: not a device; use cpu, cuda or cuda:N") from None
+        defaults = {f.name: f.default for f in fields(self)}
+        if self.fp16 and self.dtype not in ("float16", defaults["dtype"]):
+            raise ValueError(f"--fp16 and --dtype {self.dtype} ask for two dtypes: give one")
+        # Checked with or without a small cache: a ratio out of range is a typo either way.
+        check_ratios(self.heavy_ratio, self.recent_ratio)
+        if not self.enable_small_cache:
+            unused = [f"--{name}" for name in ("heavy_ratio", "recent_ratio", "shrink")
+                      if getattr(self, name) != defaults[name]]
+            if unused:
+                log.warning("%s: no effect without --enable_small_cache (this run keeps the full cache)",
+                            " and ".join(unused))
 
     @property
     def model_dtype(self) -> str:

@@ -173,6 +173,8 @@ class ResultsWriter:
 
     def __init__(self, output: str | Path, requests: list[Request]) -> None:
         self.output, self.requests = Path(output), requests
+        # Folders made for this output go again if the run ends before writing anything in them.
+        self._made = [p for p in self.output.parents if not p.exists()]
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Path(f"{self.output}.pending")
         self._lock = _lock(self.output)
@@ -183,7 +185,9 @@ class ResultsWriter:
             self._journal: int | None = None
             self._drain()
         except BaseException:
+            Path(f"{self.output}.lock").unlink(missing_ok=True)
             os.close(self._lock)
+            self._remove_made()
             raise
 
     def todo(self) -> list[int]:
@@ -224,6 +228,14 @@ class ResultsWriter:
                 os.close(fd)
         Path(f"{self.output}.lock").unlink(missing_ok=True)  # still ours: the lock goes with the file
         os.close(self._lock)
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in self._made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # it holds something now (a result, another run's file): it stays
+                break
 
     def __enter__(self) -> "ResultsWriter":
         return self

@@ -72,7 +72,7 @@ def serve(options: ServeOptions, model: PreTrainedModel | None = None) -> Served
             if not ranks.writes:
                 writer = results.Discard(mine, results.unfinished(output, mine))
             engine, why = choose_engine(options, policy)
-            tokenizer, config = models.load_tokenizer(options.model_name, options.model_arch)
+            tokenizer, config = models.load_tokenizer(options.model_name, options.model_arch, options.cache_dir)
             if options.tensor_parallel:
                 models.check_tensor_parallel(config, ranks.tp)
             encoded = encode_all(options, tokenizer, config, [(i, writer.requests[i]) for i in writer.todo()])
@@ -81,7 +81,7 @@ def serve(options: ServeOptions, model: PreTrainedModel | None = None) -> Served
             loading = time.perf_counter()
             if model is None:
                 model = models.load_model(options.model_name, device, options.model_dtype, options.device_map,
-                                          tensor_parallel=options.tensor_parallel or 0)
+                                          tensor_parallel=options.tensor_parallel or 0, cache_dir=options.cache_dir)
             loaded = time.perf_counter() - loading
             served = run(options, model, tokenizer, encoded, policy, writer, engine)
             log.info("generated %d tokens in %.2f s: %.1f tok/s (model load %.2f s apart)",
