@@ -32,11 +32,10 @@ import torch
 import transformers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from h2o.serve import helm_io, results, cli as run
+from h2o.policies import make_policy
 
-from h2o.serve import helm_io, results, cli as run  # noqa: E402
-from h2o.policies import make_policy  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 POLICIES = {"full": None, "h2o": (0.1, 0.1), "local": (0.0, 0.2)}
 

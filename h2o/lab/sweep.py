@@ -37,13 +37,11 @@ from h2o.policies import make_policy
 from h2o.serve.results import write_whole
 from h2o.serve.cli import encode
 from h2o.serve.cli import main as run_helm
+from lab_helm.helm_cli import run_dir  # lab_helm: where HELM's output lives and how to read it;
+from lab_helm.paths import BENCHMARK_OUTPUT  # these three modules need no HELM installed
+from lab_helm.tasks import TASKS, Task, get_task
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "helm"))  # lab_helm: where HELM's output lives and how to read it
-
-from lab_helm.helm_cli import run_dir  # noqa: E402  (lab_helm.paths and .helm_cli need no HELM)
-from lab_helm.paths import BENCHMARK_OUTPUT  # noqa: E402
-from lab_helm.tasks import TASKS, Task, get_task  # noqa: E402  (no HELM either)
 
 BUDGETS = (0.04, 0.10, 0.20, 0.40)
 POLICIES = ("h2o", "local", "sink", "tova", "h2o-avg", "h2o-sink", "knorm", "snapkv", "pyramidkv", "adakv",
