@@ -5,7 +5,11 @@ test_helm_e2e.py)."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from helm_support import requests
@@ -60,10 +64,19 @@ def test_multi_news_requests_are_longbench_prompts_cut_in_the_middle():
     assert cut == 8  # the contexts longer than the prompt budget, in SmolLM2's tokens
 
 
+def test_needle_examples_are_the_same_in_every_process():
+    # helm-run's process makes them again for the scenario: no string-hash order may leak in.
+    script = "import json; from lab_helm import needle; print(json.dumps(needle.examples()))"
+    for hash_seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == needle.examples(), hash_seed
+
+
 def test_needle_examples_cover_the_grid_in_every_block_of_twenty():
     examples = needle.examples()
-    assert examples == needle.examples(needle.SEED)  # seeded
-    assert examples != needle.examples(needle.SEED + 1)
+    assert examples != needle.examples(needle.SEED + 1)  # the seed draws them
     cells = len(needle.LENGTHS) * len(needle.DEPTHS)
     assert len(examples) == cells * needle.SAMPLES
     for start in range(0, len(examples), cells):
