@@ -225,15 +225,19 @@ def test_the_helm_scripts_and_our_run(arch, tmp_path):
     done = subprocess.run(["bash", str(ROOT / "scripts/helm/h2o.sh"), "xsum", str(folder), arch, "--sample_num", "2",
                            "--no_cuda"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line)["result"] for line in results_file.read_text().splitlines()]
-    assert len(results) == 2 and all(r["kv_cache"]["policy"] == "h2o" for r in results)
+    records = [json.loads(line) for line in results_file.read_text().splitlines()]
+    assert len(records) == 2 and all(r["result"]["kv_cache"]["policy"] == "h2o" for r in records)
     if helm_support.net_cut() is None:
         pytest.skip("cannot cut the network (unshare -n) for HELM")
     out = tmp_path / "benchmark_output"
     done = helm_support.our_run(str(results_file), "xsum", arch, output_path=out)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 requests evaluated" in done.stdout
-    assert helm_support.stat_mean(out, f"xsum-{arch}-h2o", "rouge_2") >= 0
+    # HELM scored these very texts, under the architecture's own deployment.
+    state = json.loads((helm_support.run_dir(out, f"xsum-{arch}-h2o") / "scenario_state.json").read_text())
+    assert state["adapter_spec"]["model_deployment"] == f"h2o-lab/{arch}"
+    scored = {s["request"]["prompt"]: s["result"]["completions"][0]["text"] for s in state["request_states"]}
+    assert scored == {r["request"]["prompt"]: r["result"]["choices"][0]["text"] for r in records}
 
 
 # In a fresh process with TRITON_INTERPRET=1 (Triton reads it at import): the fast engine with the
