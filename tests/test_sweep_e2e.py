@@ -72,7 +72,7 @@ NOT_ON_THE_GPU_MACHINE = ("helm", "rouge_score", "nltk", "lab_helm.evaluate")
 
 def _generate_without_helm(argv: list[str]) -> subprocess.CompletedProcess:
     blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in NOT_ON_THE_GPU_MACHINE)
-    script = (f"import sys; {blocked}; from h2o import sweep; code = sweep.main({argv!r}); "
+    script = (f"import sys; {blocked}; from h2o.lab import sweep; code = sweep.main({argv!r}); "
               "assert not [m for m in sys.modules if m.startswith(('helm.', 'rouge_score.', 'nltk.'))]; "
               "sys.exit(code)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -294,7 +294,7 @@ def test_a_point_killed_before_its_record_is_redone_and_never_reported_half_done
 
     argv = [*swept["argv"][:-1], str(tmp_path / "reports")]  # the same sweep, another report folder
     output = tmp_path / "benchmark_output"
-    script = ("import sys; from pathlib import Path; from h2o import sweep; "
+    script = ("import sys; from pathlib import Path; from h2o.lab import sweep; "
               f"sweep.BENCHMARK_OUTPUT = Path({str(output)!r}); sys.exit(sweep.main({argv!r}))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "output_path": str(output)}
     process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
