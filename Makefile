@@ -14,11 +14,14 @@ LAB_BATCH ?= 4
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt helm/setup_offline.sh
+# The pinned requirements, then this project (h2o, lab_helm) in editable mode with no
+# dependencies of its own and no build isolation (so offline too), then HELM's offline set-up.
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml helm/setup_offline.sh
 	@command -v $(PYTHON_SYSTEM) >/dev/null || { echo "make: $(PYTHON_SYSTEM) not found (set PYTHON_SYSTEM=...)" >&2; exit 2; }
 	[ -x $(PY) ] || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	PYTHON=$(PY) bash helm/setup_offline.sh
 	touch $(STAMP)
 

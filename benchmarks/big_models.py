@@ -33,10 +33,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from helm_job import requests_file  # a sibling script: run as one, its folder is on sys.path
 
-from helm_job import requests_file  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "tiny": ("llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)),  # smoke runs
@@ -145,8 +144,7 @@ def one(model: Path, arch: str, inputs: Path, work: Path, placement: str, policy
                    str(ROOT / "run_helm.py"), *flags, *(["--tensor_parallel"] if kind == "tp" else [])]
     else:
         command = [sys.executable, str(ROOT / "run_helm.py"), *flags, *(["--device_map", "auto"] if kind == "dm" else [])]
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path,
+    env = {**os.environ, "TQDM_DISABLE": "1",
            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(gpus))}
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)

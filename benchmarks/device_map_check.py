@@ -7,18 +7,14 @@ tokens under H2O drop mode as the same model on one GPU, with each layer's cache
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from h2o.engine.reference.generation import Eviction, Sampling, generate  # noqa: E402
-from h2o.policies import make_policy  # noqa: E402
+from h2o.engine.reference.generation import Eviction, Sampling, generate
+from h2o.policies import make_policy
 
 
 def main() -> int:

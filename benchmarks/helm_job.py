@@ -32,14 +32,13 @@ import torch
 import transformers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from h2o.lab.points import LOCAL, Point
+from h2o.serve import helm_io, results
+from h2o.serve.options import ServeOptions
+from h2o.serve.prompts import encode_all
+from h2o.serve.serve import run
 
-from h2o.lab.points import LOCAL, Point  # noqa: E402
-from h2o.serve import helm_io, results  # noqa: E402
-from h2o.serve.options import ServeOptions  # noqa: E402
-from h2o.serve.prompts import encode_all  # noqa: E402
-from h2o.serve.serve import run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # h2o: 10% heavy + 10% recent; local: 20% recent.
 POINTS = {"full": Point("full", 1.0), "h2o": Point("h2o", 0.2), "local": Point(LOCAL, 0.2)}

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import itertools
 import statistics
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from h2o.engine.fast import generate_fast, kernels  # noqa: E402
-from h2o.policies import make_policy  # noqa: E402
+from h2o.engine.fast import generate_fast, kernels
+from h2o.policies import make_policy
 
 
 def timed(fn: Callable[[], object], reps: int = 30) -> float:

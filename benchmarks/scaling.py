@@ -13,20 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from throughput import build_model, prompts  # noqa: E402
-
-from h2o.engine.fast import generate_fast  # noqa: E402
-from h2o.policies import make_policy  # noqa: E402
+from h2o.engine.fast import generate_fast
+from h2o.policies import make_policy
+from throughput import build_model, prompts  # a sibling script: run as one, its folder is on sys.path
 
 
 def main() -> int:

@@ -32,12 +32,10 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from h2o.engine.fast import ATTENTION, FastCache, FastEngine, TokenIdsOnly, generate_fast  # noqa: E402
-from h2o.engine.fast import kernels  # noqa: E402
-from h2o.engine.sampling import Sampling  # noqa: E402
-from h2o.policies import make_policy  # noqa: E402
+from h2o.engine.fast import ATTENTION, FastCache, FastEngine, TokenIdsOnly, generate_fast
+from h2o.engine.fast import kernels
+from h2o.engine.sampling import Sampling
+from h2o.policies import make_policy
 
 # The budgets of the comparison: 20% of the prompt, split as the paper does for H2O.
 POLICIES = {"h2o": (0.1, 0.1), "local": (0.0, 0.2)}

@@ -7,4 +7,4 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-$([ -x "${here}/../.venv/bin/python" ] && echo "${here}/../.venv/bin/python" || echo python3)}
-PYTHONPATH="${here}:${here}/..${PYTHONPATH:+:${PYTHONPATH}}" exec "${PYTHON}" -m lab_helm.table --output-path "${here}/benchmark_output" "$@"
+exec "${PYTHON}" -m lab_helm.table --output-path "${here}/benchmark_output" "$@"

@@ -54,7 +54,10 @@ if ! command -v helm-run >/dev/null 2>&1 && [[ -x ../.venv/bin/helm-run ]]; then
 fi
 command -v helm-run >/dev/null 2>&1 || die "helm-run not found: make venv, or activate the environment that has crfm-helm"
 PYTHON=$(dirname "$(command -v helm-run)")/python
-export PYTHONPATH="${PWD}:${PWD%/*}${PYTHONPATH:+:${PYTHONPATH}}"  # lab_helm (results client, tokenizer) and h2o
+# helm-run imports lab_helm (plugins, results client) and h2o as installed packages; checked
+# from / so that this folder cannot stand in for them.
+(cd / && "${PYTHON}" -c "import h2o, lab_helm" 2>/dev/null) \
+    || die "h2o-lab is not installed in ${PYTHON%/bin/python}: make venv, or pip install --no-deps -e ${PWD%/*}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1           # nothing below downloads; fail, never fetch
 
 missing=$("${PYTHON}" -m lab_helm.offline --check 2>&1) || die "${missing}"

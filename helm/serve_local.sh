@@ -8,4 +8,4 @@ if ! command -v helm-server >/dev/null 2>&1 && [[ -x ../.venv/bin/helm-server ]]
     PATH="$(cd ../.venv/bin && pwd):${PATH}"
 fi
 PYTHON=$(dirname "$(command -v helm-server)")/python
-PYTHONPATH="${PWD}:${PWD%/*}${PYTHONPATH:+:${PYTHONPATH}}" exec "${PYTHON}" -m lab_helm.serve "$@"
+exec "${PYTHON}" -m lab_helm.serve "$@"

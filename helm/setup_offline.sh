@@ -6,4 +6,4 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-$([ -x "${here}/../.venv/bin/python" ] && echo "${here}/../.venv/bin/python" || echo python3)}
-PYTHONPATH="${here}:${here}/..${PYTHONPATH:+:${PYTHONPATH}}" exec "${PYTHON}" -m lab_helm.offline "$@"
+exec "${PYTHON}" -m lab_helm.offline "$@"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import os
 from pathlib import Path
 
 import pytest
@@ -11,10 +11,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS = ROOT / "tests"
 
 VOCAB = 96
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment for a child Python that imports these helpers (conftest, tiny_families):
+    pytest puts tests/ on sys.path in its own process only."""
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *inherited]), **extra}
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

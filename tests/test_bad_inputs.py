@@ -7,9 +7,15 @@ import logging
 import pytest
 import torch
 
-from test_run_helm import _requests, _run, model_dir  # noqa: F401  (the module's tiny model)
+from conftest import save_tiny_model
 from h2o import models
 from h2o.serve import cli
+from test_run_helm import _requests, _run
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), context=128)
 
 
 def _refused(capsys, model_dir, inp, out, *flags, status=2):

@@ -20,7 +20,7 @@ def test_two_ranks_merge_into_the_single_rank_output(model_dir, tmp_path):  # no
     assert _run(model_dir, inp, tmp_path / "single.jsonl", "--enable_small_cache") == 0
     out = tmp_path / "parallel.jsonl"
     assert _run(model_dir, inp, out, "--enable_small_cache", "--sample_num", "1") == 0  # resume from 1
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29531", str(ROOT / "run_helm.py"),
          "--input_path", str(inp), "--output_path", str(out), "--model_name", str(model_dir),

@@ -51,17 +51,16 @@ def _texts(path):
 
 
 def _whole_lines(path):
-    """Every line of the file, each a complete JSON object (no torn line in the middle)."""
+    """Every line of the file, each a complete JSON object, the last one ended (no torn line)."""
     if not path.exists():
         return []
-    lines = path.read_bytes().split(b"\n")
-    assert lines[-1] in (b"",) or len(lines) >= 1
-    complete = [json.loads(line) for line in lines[:-1]]
-    return complete
+    *lines, tail = path.read_bytes().split(b"\n")
+    assert tail == b"", f"{path} ends in a torn line: {tail[:60]!r}"
+    return [json.loads(line) for line in lines]
 
 
 def _start(tiny_model_dir, inputs, output):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "run_helm.py"), *_flags(tiny_model_dir, inputs, output)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -149,9 +148,7 @@ def test_a_full_disk_leaves_whole_lines_and_says_what_is_safe(tiny_model_dir, in
     assert len(error) == 1 and "no space left on the device" in error[0]
     assert "rerun the same command to resume" in error[0]
     for path in (output, output.with_name("out.jsonl.pending")):
-        if path.exists():
-            assert path.read_bytes().endswith(b"\n")
-            _whole_lines(path)
+        _whole_lines(path)
     monkeypatch.setattr(results.os, "write", real_write)
     assert main(_flags(tiny_model_dir, inputs, output)) == 0
     assert _texts(output) == uninterrupted
@@ -213,7 +210,6 @@ def _fuzzed_lines(rng):
 
 
 def test_fuzzed_files_get_a_file_and_line_error_never_a_traceback(tmp_path):
-    sys.path.insert(0, str(ROOT / "helm"))
     from lab_helm.results import ResultsError, load
 
     rng = random.Random(1234)
@@ -237,15 +233,14 @@ def test_fuzzed_files_get_a_file_and_line_error_never_a_traceback(tmp_path):
 
 
 def test_our_run_killed_in_helm_run_is_redone_never_summarized_half_done(tmp_path):
-    sys.path.insert(0, str(ROOT / "helm"))
-    from lab_helm import testing
+    import helm_support
 
-    if testing.net_cut() is None:
+    if helm_support.net_cut() is None:
         pytest.skip("cannot cut the network (unshare -n)")
-    rows = [(r, testing.fake_result(testing.lead(a["document"]))) for r, a in zip(testing.requests(3), testing.articles(3))]
-    results_file = testing.write_results(tmp_path / "lead.jsonl", rows)
+    rows = [(r, helm_support.fake_result(helm_support.lead(a["document"]))) for r, a in zip(helm_support.requests(3), helm_support.articles(3))]
+    results_file = helm_support.write_results(tmp_path / "lead.jsonl", rows)
     out = tmp_path / "benchmark_output"
-    command, env = testing.our_run_command(output_path=out, env={"jsonl": str(results_file)})
+    command, env = helm_support.our_run_command(output_path=out, env={"jsonl": str(results_file)})
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     log = out / "logs" / "lead.helm-run.log"
@@ -256,10 +251,10 @@ def test_our_run_killed_in_helm_run_is_redone_never_summarized_half_done(tmp_pat
     os.killpg(process.pid, signal.SIGKILL)  # helm-run and all, mid-run
     process.wait()
     assert not (out / "runs" / "lead" / "runs.json").exists()  # never summarized
-    done = testing.our_run(env={"jsonl": str(results_file)}, output_path=out)
+    done = helm_support.our_run(env={"jsonl": str(results_file)}, output_path=out)
     assert done.returncode == 0, done.stdout + done.stderr
     predictions = [text for _, result in rows for text in [result["choices"][0]["text"]]]
-    references = [a["summary"] for a in testing.articles(3)]
-    assert testing.stat_mean(out, "lead", "rouge_2") == pytest.approx(
-        testing.expected_rouge(predictions, references, "rouge2"), abs=1e-12)
+    references = [a["summary"] for a in helm_support.articles(3)]
+    assert helm_support.stat_mean(out, "lead", "rouge_2") == pytest.approx(
+        helm_support.expected_rouge(predictions, references, "rouge2"), abs=1e-12)
     assert (out / "runs" / "lead" / "runs.json").exists()

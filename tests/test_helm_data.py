@@ -10,27 +10,27 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "helm"))
+import helm_support
+from lab_helm import scenario_data
+from lab_helm.paths import PROD_ENV
+from lab_helm.tasks import get_task, model_archs
 
-from lab_helm import scenario_data, testing  # noqa: E402
-from lab_helm.paths import PROD_ENV  # noqa: E402
-from lab_helm.tasks import get_task, model_archs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ARTICLES_SHA256 = "f29bf87cc4ef36a72763d6ad2e60a74ceb1edd2de0d5bcae25968ff111dcce20"
 
 
 def test_vendored_articles_are_the_documented_file():
-    data = testing.ARTICLES.read_bytes()
+    data = helm_support.ARTICLES.read_bytes()
     assert hashlib.sha256(data).hexdigest() == ARTICLES_SHA256
     assert ARTICLES_SHA256 in (ROOT / "data" / "README.md").read_text()
-    rows = testing.articles()
+    rows = helm_support.articles()
     assert [r["id"] for r in rows] == [f"xsum-test-{i:04d}" for i in range(500)]
     assert all(r["document"].strip() and r["summary"].strip() for r in rows)
 
 
 def test_requests_are_helm_zero_shot_prompts_of_the_articles():
-    requests, articles = testing.requests(), testing.articles()
+    requests, articles = helm_support.requests(), helm_support.articles()
     assert len(requests) == len(articles) == 500
     for request, article in zip(requests, articles):
         # HELM's scenario: newlines to spaces, whitespace collapsed, first 512 words; no
@@ -51,7 +51,7 @@ def test_scenario_pickle_holds_the_first_n_articles_as_test(tmp_path):
         data = pickle.load(f)
     assert data["train"] == [] and data["validation"] == []
     assert [(d["document"], d["summary"]) for d in data["test"]] == [
-        (a["document"], a["summary"]) for a in testing.articles(7)
+        (a["document"], a["summary"]) for a in helm_support.articles(7)
     ]
     assert len(scenario_data.build(task)["test"]) == 500
 
@@ -71,5 +71,5 @@ def test_offline_setup_is_in_place():
     # helm/setup_offline.sh (run after pip install) must have put the spaCy stand-in and the
     # punkt_tab placeholder into this environment; otherwise HELM downloads them.
     done = subprocess.run([sys.executable, "-m", "lab_helm.offline", "--check"], capture_output=True, text=True,
-                          env={"PYTHONPATH": f"{ROOT / 'helm'}:{ROOT}", "PATH": "/usr/bin:/bin"})
+                          env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr

@@ -17,28 +17,27 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "helm"))
+import helm_support
+from lab_helm.tasks import get_task
 
-from lab_helm import testing  # noqa: E402
-from lab_helm.tasks import get_task  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 METRICS = ("rouge_1", "rouge_2", "rouge_l", "summarization_coverage", "summarization_density",
            "summarization_compression")
 
-needs_net_cut = pytest.mark.skipif(testing.net_cut() is None, reason="cannot cut the network (unshare -n)")
+needs_net_cut = pytest.mark.skipif(helm_support.net_cut() is None, reason="cannot cut the network (unshare -n)")
 
 
 def check_suite(output_path: Path, suite: str, results_file: Path, n: int) -> None:
     """stats.json has every XSUM metric; ROUGE-1/2/L equal rouge-score's on the same texts."""
     predictions = [json.loads(line)["result"]["choices"][0]["text"]
                    for line in results_file.read_text().splitlines()][:n]
-    references = [a["summary"] for a in testing.articles(n)]
+    references = [a["summary"] for a in helm_support.articles(n)]
     for metric in METRICS:
-        testing.stat_mean(output_path, suite, metric)
+        helm_support.stat_mean(output_path, suite, metric)
     for metric, rouge_type in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL")):
-        assert testing.stat_mean(output_path, suite, metric) == pytest.approx(
-            testing.expected_rouge(predictions, references, rouge_type), abs=1e-12
+        assert helm_support.stat_mean(output_path, suite, metric) == pytest.approx(
+            helm_support.expected_rouge(predictions, references, rouge_type), abs=1e-12
         ), metric
     assert (output_path / "runs" / suite / "runs.json").exists()  # helm-summarize ran
 
@@ -46,22 +45,22 @@ def check_suite(output_path: Path, suite: str, results_file: Path, n: int) -> No
 @needs_net_cut
 def test_our_run_on_made_up_results(tmp_path):
     n = 4
-    rows = [(r, testing.fake_result(testing.lead(a["document"]), seconds=2.0))
-            for r, a in zip(testing.requests(n), testing.articles(n))]
-    results_file = testing.write_results(tmp_path / "xsum-llama-lead.jsonl", rows)
+    rows = [(r, helm_support.fake_result(helm_support.lead(a["document"]), seconds=2.0))
+            for r, a in zip(helm_support.requests(n), helm_support.articles(n))]
+    results_file = helm_support.write_results(tmp_path / "xsum-llama-lead.jsonl", rows)
     out = tmp_path / "benchmark_output"
-    done = testing.our_run(env={"jsonl": str(results_file)}, output_path=out)
+    done = helm_support.our_run(env={"jsonl": str(results_file)}, output_path=out)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 requests evaluated" in done.stdout
     check_suite(out, "xsum-llama-lead", results_file, n)
-    assert 0 < testing.stat_mean(out, "xsum-llama-lead", "rouge_2") < 1
+    assert 0 < helm_support.stat_mean(out, "xsum-llama-lead", "rouge_2") < 1
 
     table = subprocess.run([str(ROOT / "helm" / "lab_table.sh"), "--output-path", str(out), "xsum-llama-lead=lead"],
                            capture_output=True, text=True)
     assert table.returncode == 0, table.stderr
     header, _, row = table.stdout.splitlines()
     assert header.split("|")[1].strip() == "mode" and row.split("|")[1].strip() == "lead"
-    assert f"{testing.stat_mean(out, 'xsum-llama-lead', 'rouge_2'):.4f}" in row
+    assert f"{helm_support.stat_mean(out, 'xsum-llama-lead', 'rouge_2'):.4f}" in row
 
 
 MODES = {
@@ -80,18 +79,18 @@ def test_generate_then_evaluate_full_h2o_local(tmp_path):
     for mode, flags in MODES.items():
         results_file = tmp_path / f"xsum-llama-{mode}.jsonl"
         generate = subprocess.run(
-            [*testing.net_cut(), sys.executable, str(ROOT / "run_helm.py"), "--input_path", str(testing.REQUESTS),
+            [*helm_support.net_cut(), sys.executable, str(ROOT / "run_helm.py"), "--input_path", str(helm_support.REQUESTS),
              "--output_path", str(results_file), "--sample_num", str(n), *flags],
             cwd=ROOT, capture_output=True, text=True, timeout=1800,
         )
         assert generate.returncode == 0, generate.stderr[-3000:]
-        done = testing.our_run(str(results_file), output_path=out)
+        done = helm_support.our_run(str(results_file), output_path=out)
         assert done.returncode == 0, done.stdout + done.stderr
         check_suite(out, f"xsum-llama-{mode}", results_file, n)
         suites.append(f"xsum-llama-{mode}")
 
     table = subprocess.run([sys.executable, "-m", "lab_helm.table", "--output-path", str(out), *suites],
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": f"{ROOT / 'helm'}:{ROOT}"})
+                           capture_output=True, text=True)
     assert table.returncode == 0, table.stderr
     modes = [line.split("|")[1].strip() for line in table.stdout.splitlines()[2:]]
     assert modes == ["full", "h2o", "local"], table.stdout
@@ -101,17 +100,17 @@ def test_generate_then_evaluate_full_h2o_local(tmp_path):
 def test_our_run_scores_multi_news_by_rouge(tmp_path):
     n = 2
     examples = get_task("multi_news").load()[:n]
-    predictions = [testing.lead(e["context"], 60) for e in examples]
-    results_file = testing.write_results(
+    predictions = [helm_support.lead(e["context"], 60) for e in examples]
+    results_file = helm_support.write_results(
         tmp_path / "multi_news-llama-lead.jsonl",
-        [(r, testing.fake_result(p)) for r, p in zip(testing.requests(n, "multi_news"), predictions)])
+        [(r, helm_support.fake_result(p)) for r, p in zip(helm_support.requests(n, "multi_news"), predictions)])
     out = tmp_path / "benchmark_output"
-    done = testing.our_run(str(results_file), "multi_news", output_path=out)
+    done = helm_support.our_run(str(results_file), "multi_news", output_path=out)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{n} requests evaluated: rouge_1=" in done.stdout
     for metric, rouge_type in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL")):
-        expected = testing.expected_rouge(predictions, [e["summary"] for e in examples], rouge_type)
-        assert testing.stat_mean(out, "multi_news-llama-lead", metric) == pytest.approx(expected, abs=1e-12), metric
+        expected = helm_support.expected_rouge(predictions, [e["summary"] for e in examples], rouge_type)
+        assert helm_support.stat_mean(out, "multi_news-llama-lead", metric) == pytest.approx(expected, abs=1e-12), metric
     assert (out / "runs" / "multi_news-llama-lead" / "runs.json").exists()
 
 
@@ -120,13 +119,13 @@ def test_our_run_scores_the_needle_by_recall(tmp_path):
     examples = get_task("needle").load()[:3]
     answers = [f" The special magic number is {examples[0]['value']}.", f" It is {examples[0]['value']}.",
                f" {examples[2]['value']}"]  # the second names another example's number
-    results_file = testing.write_results(
+    results_file = helm_support.write_results(
         tmp_path / "needle-llama-made-up.jsonl",
-        [(r, testing.fake_result(a)) for r, a in zip(testing.requests(3, "needle"), answers)])
+        [(r, helm_support.fake_result(a)) for r, a in zip(helm_support.requests(3, "needle"), answers)])
     out = tmp_path / "benchmark_output"
-    done = testing.our_run(str(results_file), "needle", output_path=out)
+    done = helm_support.our_run(str(results_file), "needle", output_path=out)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert testing.stat_mean(out, "needle-llama-made-up", "ruler_string_match_part") == pytest.approx(2 / 3)
+    assert helm_support.stat_mean(out, "needle-llama-made-up", "ruler_string_match_part") == pytest.approx(2 / 3)
     table = subprocess.run([str(ROOT / "helm" / "lab_table.sh"), "--output-path", str(out), "needle-llama-made-up"],
                            capture_output=True, text=True)
     assert table.returncode == 0, table.stderr

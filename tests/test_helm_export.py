@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "helm"))
-
-from lab_helm import testing  # noqa: E402
-from lab_helm.tasks import get_task  # noqa: E402
+import helm_support
+from lab_helm.tasks import get_task
 
 
 @pytest.mark.parametrize("task", ["xsum", "multi_news", "needle"])
 def test_export_equals_committed_requests(tmp_path, task):
     out = tmp_path / f"{task}.jsonl"
-    cut = list(testing.net_cut() or ())
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'helm'}:{ROOT}"}
+    cut = list(helm_support.net_cut() or ())
     done = subprocess.run(
         [*cut, sys.executable, "-m", "lab_helm.export", "--task", task, "--output", str(out),
          "--log", str(tmp_path / "helm-run.log")],
-        env=env, capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr + (tmp_path / "helm-run.log").read_text()[-3000:]
     # Every request, byte for byte: generation (run_helm.py reads this file) and evaluation agree.

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "helm"))
+from helm_support import requests
+from lab_helm import longbench, needle
+from lab_helm.lengths import CHAT_ROOM, CONTEXT
+from lab_helm.tasks import get_task
 
-from lab_helm import longbench, needle  # noqa: E402
-from lab_helm.lengths import CHAT_ROOM, CONTEXT  # noqa: E402
-from lab_helm.tasks import get_task  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MULTI_NEWS_SHA256 = "f8817c00af317c2d7f81128f334bcfe5780c6c2a515d5c96811aa0ddf8b5ee6b"
 
@@ -28,11 +30,6 @@ class Chars:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(i) for i in ids)
-
-
-def requests(task: str) -> list[dict]:
-    with open(get_task(task).requests, encoding="utf-8") as f:
-        return [json.loads(line)["request"] for line in f]
 
 
 def test_vendored_multi_news_is_the_documented_file():
@@ -54,7 +51,7 @@ def test_longbench_cut_keeps_the_first_and_last_halves():
 def test_multi_news_requests_are_longbench_prompts_cut_in_the_middle():
     head, tail = longbench.TEMPLATE.split("{context}")
     cut = 0
-    for request, example in zip(requests("multi_news"), get_task("multi_news").load(), strict=True):
+    for request, example in zip(requests(task="multi_news"), get_task("multi_news").load(), strict=True):
         assert {k: v for k, v in request.items() if k != "prompt"} == {
             "temperature": 0.0, "n": 1, "max_tokens": 512, "stop": [], "top_p": 1, "top_k_per_token": 1,
             "echo_prompt": False,
@@ -67,10 +64,19 @@ def test_multi_news_requests_are_longbench_prompts_cut_in_the_middle():
     assert cut == 8  # the contexts longer than the prompt budget, in SmolLM2's tokens
 
 
+def test_needle_examples_are_the_same_in_every_process():
+    # helm-run's process makes them again for the scenario: no string-hash order may leak in.
+    script = "import json; from lab_helm import needle; print(json.dumps(needle.examples()))"
+    for hash_seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == needle.examples(), hash_seed
+
+
 def test_needle_examples_cover_the_grid_in_every_block_of_twenty():
     examples = needle.examples()
-    assert examples == needle.examples(needle.SEED)  # seeded
-    assert examples != needle.examples(needle.SEED + 1)
+    assert examples != needle.examples(needle.SEED + 1)  # the seed draws them
     cells = len(needle.LENGTHS) * len(needle.DEPTHS)
     assert len(examples) == cells * needle.SAMPLES
     for start in range(0, len(examples), cells):
@@ -90,7 +96,7 @@ def test_needle_prompt_is_the_longest_haystack_that_fits():
 
 
 def test_needle_requests_hide_one_needle_at_its_depth():
-    for request, example in zip(requests("needle"), needle.examples(), strict=True):
+    for request, example in zip(requests(task="needle"), needle.examples(), strict=True):
         assert {k: v for k, v in request.items() if k != "prompt"} == {
             "temperature": 0.0, "n": 1, "max_tokens": needle.MAX_TOKENS, "stop": [], "top_p": 1,
             "top_k_per_token": 1, "echo_prompt": False,
@@ -113,6 +119,6 @@ def test_requests_fit_smollm2_as_run_helm_reads_them():
     def tokens(request: dict) -> int:
         return len(encode(tokenizer, request["prompt"], "auto")[0]) + request["max_tokens"]
 
-    assert max(tokens(r) for r in requests("multi_news")) <= CONTEXT
-    for request, example in zip(requests("needle"), needle.examples()):
+    assert max(tokens(r) for r in requests(task="multi_news")) <= CONTEXT
+    for request, example in zip(requests(task="needle"), needle.examples()):
         assert example["length"] - CHAT_ROOM <= tokens(request) <= example["length"], example["id"]

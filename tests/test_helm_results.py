@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from helm.common.request import Request
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "helm"))
-
-from lab_helm import evaluate, results, testing  # noqa: E402
-from lab_helm.client import MissingResultError, ResultsFileClient  # noqa: E402
-from lab_helm.requests import request_dict  # noqa: E402
+import helm_support
+from lab_helm import evaluate, results
+from lab_helm.client import MissingResultError, ResultsFileClient
+from lab_helm.requests import request_dict
 
 
 @pytest.fixture(scope="module")
 def good():
     """(request, result) pairs for the first 5 requests: the lead of each article as summary."""
-    return [(r, testing.fake_result(testing.lead(a["document"]), finished_at=i + 1.0))  # served one at a time
-            for i, (r, a) in enumerate(zip(testing.requests(5), testing.articles(5)))]
+    return [(r, helm_support.fake_result(helm_support.lead(a["document"]), finished_at=i + 1.0))  # one at a time
+            for i, (r, a) in enumerate(zip(helm_support.requests(5), helm_support.articles(5)))]
 
 
 def error_lines(done) -> list[str]:
@@ -35,33 +32,33 @@ def error_lines(done) -> list[str]:
 # Through our_run.sh: each stops before helm-run, with exit status 2.
 
 def test_missing_file(tmp_path):
-    (line,) = error_lines(testing.our_run(str(tmp_path / "nope.jsonl"), output_path=tmp_path / "out", cut=False))
+    (line,) = error_lines(helm_support.our_run(str(tmp_path / "nope.jsonl"), output_path=tmp_path / "out", cut=False))
     assert "nope.jsonl does not exist" in line
 
 
 def test_empty_file(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    (line,) = error_lines(testing.our_run(str(empty), output_path=tmp_path / "out", cut=False))
+    (line,) = error_lines(helm_support.our_run(str(empty), output_path=tmp_path / "out", cut=False))
     assert "empty.jsonl is empty" in line
     empty.write_text("\n\n")
-    (line,) = error_lines(testing.our_run(str(empty), output_path=tmp_path / "out", cut=False))
+    (line,) = error_lines(helm_support.our_run(str(empty), output_path=tmp_path / "out", cut=False))
     assert "empty.jsonl is empty" in line
 
 
 def test_result_for_a_prompt_helm_did_not_ask_for(tmp_path, good):
-    other = (testing.requests(10)[9], testing.fake_result(" x"))
-    path = testing.write_results(tmp_path / "extra.jsonl", good[:3] + [other])
+    other = (helm_support.requests(10)[9], helm_support.fake_result(" x"))
+    path = helm_support.write_results(tmp_path / "extra.jsonl", good[:3] + [other])
     # HELM asks for the first 3 requests; line 4 answers request 10.
-    (line,) = error_lines(testing.our_run(str(path), "xsum", "llama", "extra", "3",
+    (line,) = error_lines(helm_support.our_run(str(path), "xsum", "llama", "extra", "3",
                                           output_path=tmp_path / "out", cut=False))
     assert "1 result(s) for prompts HELM does not ask for" in line
     assert "first: line 4" in line and "the first 3 requests" in line
 
 
 def test_results_helm_asks_for_are_missing(tmp_path, good):
-    path = testing.write_results(tmp_path / "short.jsonl", good[:2])
-    (line,) = error_lines(testing.our_run(str(path), "xsum", "llama", "short", "5",
+    path = helm_support.write_results(tmp_path / "short.jsonl", good[:2])
+    (line,) = error_lines(helm_support.our_run(str(path), "xsum", "llama", "short", "5",
                                           output_path=tmp_path / "out", cut=False))
     assert "lacks 3 of the 5 results HELM asks for" in line
     assert "first: request 3 (xsum-test-0002)" in line
@@ -101,7 +98,7 @@ def test_bad_lines(tmp_path, good, capsys, case, message):
 
 
 def test_unknown_task_and_model_arch(tmp_path, good, capsys):
-    path = testing.write_results(tmp_path / "r.jsonl", good[:1])
+    path = helm_support.write_results(tmp_path / "r.jsonl", good[:1])
     assert prepare(tmp_path, path, "--task", "cnn") == 2
     assert "unknown task 'cnn'" in capsys.readouterr().err
     assert prepare(tmp_path, path, "--model-arch", "gpt9") == 2
@@ -111,7 +108,7 @@ def test_unknown_task_and_model_arch(tmp_path, good, capsys):
 
 
 def test_prepare_stages_the_run(tmp_path, good, capsys):
-    path = testing.write_results(tmp_path / "r.jsonl", good)
+    path = helm_support.write_results(tmp_path / "r.jsonl", good)
     assert prepare(tmp_path, path) == 0
     n, env, entry = capsys.readouterr().out.split()
     assert n == "5" and env == str(tmp_path / "out" / "prod_env" / "s")
@@ -133,9 +130,9 @@ def test_prepare_stages_the_run(tmp_path, good, capsys):
     ([(1.0, 1.0), (1.0, None)], None),  # a result that does not say when it ended
 ])
 def test_generation_seconds_are_the_time_any_request_was_in_flight(tmp_path, timing, seconds):
-    rows = [(r, testing.fake_result(testing.lead(a["document"]), latency, finished_at=end))
-            for (latency, end), r, a in zip(timing, testing.requests(len(timing)), testing.articles(len(timing)))]
-    path = testing.write_results(tmp_path / "r.jsonl", rows)
+    rows = [(r, helm_support.fake_result(helm_support.lead(a["document"]), latency, finished_at=end))
+            for (latency, end), r, a in zip(timing, helm_support.requests(len(timing)), helm_support.articles(len(timing)))]
+    path = helm_support.write_results(tmp_path / "r.jsonl", rows)
     summary = evaluate.generation_summary(results.load(path), path)
     assert summary["generation_seconds"] == seconds
     if seconds is None:
@@ -158,7 +155,7 @@ def helm_request(fields: dict) -> Request:
 
 
 def test_client_serves_results_with_logprobs(tmp_path, good):
-    path = testing.write_results(tmp_path / "r.jsonl", good[:2])
+    path = helm_support.write_results(tmp_path / "r.jsonl", good[:2])
     client = ResultsFileClient(str(path))
     request = helm_request(good[1][0])
     assert request_dict(request) == good[1][0]
@@ -173,7 +170,7 @@ def test_client_serves_results_with_logprobs(tmp_path, good):
 
 
 def test_client_fails_loudly_on_a_missing_result(tmp_path, good):
-    path = testing.write_results(tmp_path / "r.jsonl", good[:2])
+    path = helm_support.write_results(tmp_path / "r.jsonl", good[:2])
     client = ResultsFileClient(str(path))
     with pytest.raises(MissingResultError, match="has no result for HELM's request"):
         client.make_request(helm_request(good[2][0]))

@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "helm"))
+import helm_support
+from lab_helm import evaluate, suite_env
 
-from lab_helm import evaluate, suite_env, testing  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 N = 3
 
 
 def summaries(kind: str) -> list[str]:
     """Texts whose ROUGE-2 differs from kind to kind, so a row showing another point's file fails."""
-    articles = testing.articles(N)
+    articles = helm_support.articles(N)
     if kind == "reference":
         return [" " + " ".join(a["summary"].split()[:12]) for a in articles]
-    return [testing.lead(a["document"], {"lead": 25, "short": 6}[kind]) for a in articles]
+    return [helm_support.lead(a["document"], {"lead": 25, "short": 6}[kind]) for a in articles]
 
 
 POINTS = {  # name: (texts, kv-cache policy, heavy ratio, display name)
@@ -41,31 +40,31 @@ POINTS = {  # name: (texts, kv-cache policy, heavy ratio, display name)
 def write_point(folder: Path, name: str) -> Path:
     kind, policy, heavy, _ = POINTS[name]
     rows = []
-    for request, text in zip(testing.requests(N), summaries(kind)):
-        result = testing.fake_result(text, policy=policy)
+    for request, text in zip(helm_support.requests(N), summaries(kind)):
+        result = helm_support.fake_result(text, policy=policy)
         if heavy is not None:
             result["kv_cache"].update(heavy_ratio=heavy, recent_ratio=0.2 - heavy)
         rows.append((request, result))
-    return testing.write_results(folder / f"{name}.jsonl", rows)
+    return helm_support.write_results(folder / f"{name}.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    if testing.net_cut() is None:
+    if helm_support.net_cut() is None:
         pytest.skip("cannot cut the network (unshare -n)")
     tmp = tmp_path_factory.mktemp("suite")
     files = {name: write_point(tmp, name) for name in POINTS}
     out = tmp / "benchmark_output"
-    first = testing.our_run(f"full={files['full']},h2o-20={files['h2o-20']}", "xsum", "llama", "cmp", output_path=out)
+    first = helm_support.our_run(f"full={files['full']},h2o-20={files['h2o-20']}", "xsum", "llama", "cmp", output_path=out)
     assert first.returncode == 0, first.stdout + first.stderr
-    added = testing.our_run(f"local-20={files['local-20']}", "xsum", "llama", "cmp", output_path=out)
+    added = helm_support.our_run(f"local-20={files['local-20']}", "xsum", "llama", "cmp", output_path=out)
     assert added.returncode == 0, added.stdout + added.stderr
     return {"out": out, "files": files, "stdout": first.stdout + added.stdout}
 
 
 def expected_rouge_2(path: Path) -> float:
     texts = [json.loads(line)["result"]["choices"][0]["text"] for line in path.read_text().splitlines()]
-    return testing.expected_rouge(texts, [a["summary"] for a in testing.articles(N)], "rouge2")
+    return helm_support.expected_rouge(texts, [a["summary"] for a in helm_support.articles(N)], "rouge2")
 
 
 def test_the_leaderboard_opens_on_xsum_with_a_row_per_point(suite):
@@ -113,7 +112,7 @@ def test_bad_points(tmp_path, capsys, points, message):
 
 
 def test_points_need_a_suite_name(tmp_path):
-    done = testing.our_run("full=a.jsonl", output_path=tmp_path / "out", cut=False)
+    done = helm_support.our_run("full=a.jsonl", output_path=tmp_path / "out", cut=False)
     assert done.returncode == 2 and "output_name is required with points" in done.stderr
 
 

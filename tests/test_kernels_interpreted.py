@@ -10,14 +10,13 @@ and every comparison stay in this module.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, random_prompts, tiny_llama
+from conftest import ROOT, child_env, random_prompts, tiny_llama
 from h2o.engine.fast import generate_fast
 from h2o.policies import make_policy
 
@@ -43,7 +42,6 @@ torch.save(results, sys.argv[2])
 _GENERATE = """
 import sys
 import torch
-sys.path.insert(0, "tests")
 from conftest import tiny_llama
 from h2o.engine.fast import generate_fast, kernels
 from h2o.policies import make_policy
@@ -67,7 +65,7 @@ def _interpreted(script: str, work: object, folder) -> object:
     """Run `script` under Triton's interpreter on `work` (saved with torch.save); what it saved."""
     inputs, outputs = folder / "inputs.pt", folder / "outputs.pt"
     torch.save(work, inputs)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = child_env(TRITON_INTERPRET="1")  # _GENERATE imports conftest
     done = subprocess.run([sys.executable, "-c", script, str(inputs), str(outputs)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

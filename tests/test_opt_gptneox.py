@@ -17,18 +17,16 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import ROOT, random_prompts, tiny_tokenizer
+import helm_support
+from conftest import ROOT, child_env, random_prompts, tiny_tokenizer
 from h2o.engine.fast import FastEngine, generate_fast
 from h2o.engine.reference.generation import Decoder, Eviction, Sampling, generate
 from h2o.policies import make_policy
 from h2o.serve.cli import main
+from lab_helm.tasks import model_archs
 from paper_reference_gptneox import paper_greedy_gptneox
 from paper_reference_opt import paper_greedy_opt
 from tiny_families import FAMILIES, save_tiny
-
-sys.path.insert(0, str(ROOT / "helm"))
-from lab_helm import testing  # noqa: E402
-from lab_helm.tasks import model_archs  # noqa: E402
 
 PAPER = {"opt": paper_greedy_opt, "gpt_neox": paper_greedy_gptneox}
 RATIOS = [(0.1, 0.1), (0.2, 0.1), (0.0, 0.2), (0.3, 0.05)]
@@ -227,22 +225,25 @@ def test_the_helm_scripts_and_our_run(arch, tmp_path):
     done = subprocess.run(["bash", str(ROOT / "scripts/helm/h2o.sh"), "xsum", str(folder), arch, "--sample_num", "2",
                            "--no_cuda"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line)["result"] for line in results_file.read_text().splitlines()]
-    assert len(results) == 2 and all(r["kv_cache"]["policy"] == "h2o" for r in results)
-    if testing.net_cut() is None:
+    records = [json.loads(line) for line in results_file.read_text().splitlines()]
+    assert len(records) == 2 and all(r["result"]["kv_cache"]["policy"] == "h2o" for r in records)
+    if helm_support.net_cut() is None:
         pytest.skip("cannot cut the network (unshare -n) for HELM")
     out = tmp_path / "benchmark_output"
-    done = testing.our_run(str(results_file), "xsum", arch, output_path=out)
+    done = helm_support.our_run(str(results_file), "xsum", arch, output_path=out)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 requests evaluated" in done.stdout
-    assert testing.stat_mean(out, f"xsum-{arch}-h2o", "rouge_2") >= 0
+    # HELM scored these very texts, under the architecture's own deployment.
+    state = json.loads((helm_support.run_dir(out, f"xsum-{arch}-h2o") / "scenario_state.json").read_text())
+    assert state["adapter_spec"]["model_deployment"] == f"h2o-lab/{arch}"
+    scored = {s["request"]["prompt"]: s["result"]["completions"][0]["text"] for s in state["request_states"]}
+    assert scored == {r["request"]["prompt"]: r["result"]["choices"][0]["text"] for r in records}
 
 
 # In a fresh process with TRITON_INTERPRET=1 (Triton reads it at import): the fast engine with the
 # Triton kernels on the CPU, and its torch path where the head size does not fit them.
 _INTERPRETED = """
-import json, sys, torch
-sys.path[:0] = sys.argv[1:]
+import json, torch
 from conftest import random_prompts, tiny_tokenizer
 from tiny_families import FAMILIES
 from h2o.engine.fast import FastEngine, kernels
@@ -261,8 +262,8 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 def test_the_kernels_serve_both_families_where_the_head_size_fits(tokenizer):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED, str(ROOT), str(ROOT / "tests")], env=env,
+    env = child_env(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")  # _INTERPRETED imports conftest
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])

@@ -16,10 +16,13 @@ def _point(policy, budget, rouge_2, kl=None, kv=2.0):
     return record
 
 
-def _by_hand(diffs):
-    n = len(diffs)
-    mean = sum(diffs) / n
-    return mean, 1.96 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) / math.sqrt(n)
+def test_the_interval_is_1_96_standard_errors_of_the_mean_difference():
+    policy, h2o = [0.03, 0.05, 0.07], [0.02, 0.02, 0.02]  # differences 0.01, 0.03, 0.05
+    # Mean 0.03; deviations -0.02, 0, 0.02 give a sample standard deviation of 0.02.
+    assert paired.paired(policy, h2o) == pytest.approx((0.03, 1.96 * 0.02 / math.sqrt(3), 3))
+    # From the second article: 0.03 and 0.05, mean 0.04, standard deviation 0.01 * sqrt(2).
+    assert paired.paired(policy, h2o, start=1) == pytest.approx((0.04, 0.0196, 2))
+    assert paired.paired(policy, h2o, start=2) is None and paired.paired([0.1], [0.0]) is None
 
 
 def test_the_held_out_articles_are_compared_apart(tmp_path):
@@ -30,9 +33,9 @@ def test_the_held_out_articles_are_compared_apart(tmp_path):
               _point("h2o-shrink:0.5", 0.2, tuned, kl=[0.9 + 0.01 * (i % 2) for i in range(120)]),
               _point("pyramidkv", 0.4, h2o)]  # no H2O at 40%: no row
     [row] = paired.rows(points)
-    diffs = [a - b for a, b in zip(tuned, h2o)]
-    assert (row["score_diff_all"], row["score_ci95_all"]) == pytest.approx(_by_hand(diffs))
-    assert (row["score_diff_held_out"], row["score_ci95_held_out"]) == pytest.approx(_by_hand(diffs[100:]))
+    assert (row["score_diff_all"], row["score_ci95_all"], row["n_all"]) == pytest.approx(paired.paired(tuned, h2o))
+    assert (row["score_diff_held_out"], row["score_ci95_held_out"], row["n_held_out"]) == pytest.approx(
+        paired.paired(tuned, h2o, start=100))
     assert (row["n_all"], row["n_held_out"], row["kl_n_held_out"]) == (120, 20, 20)
     assert row["score_diff_all"] > 0 > row["score_diff_held_out"] and row["kv_vs_h2o"] == 1.0
     paired.write(tmp_path, points)

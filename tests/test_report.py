@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from matplotlib.container import ErrorbarContainer
 
 from h2o.lab import report
 from h2o.lab.points import Point, points
@@ -31,17 +32,40 @@ def _point(folder, policy, budget, rouge_2, kv=100.0):
     (folder / "points" / f"{Point(policy, budget).name}.json").write_text(json.dumps(record))
 
 
-def test_report_tables_plots_and_a_verdict_on_noise(tmp_path):
+def _drawn(monkeypatch) -> dict:
+    """Filled as report.write saves each figure: {file name: {legend label: y values, left to right}}."""
+    drawn, save = {}, report.save_figure
+
+    def spy(fig, ax, path):
+        handles, labels = ax.get_legend_handles_labels()
+        lines = [h.lines[0] if isinstance(h, ErrorbarContainer) else h for h in handles]  # errorbar: its data line
+        drawn[path.name] = {label: [y for _, y in sorted(zip(line.get_xdata(), line.get_ydata()))]
+                            for label, line in zip(labels, lines)}
+        save(fig, ax, path)
+
+    monkeypatch.setattr(report, "save_figure", spy)
+    return drawn
+
+
+def test_report_tables_plots_and_a_verdict_on_noise(tmp_path, monkeypatch):
     (tmp_path / "points").mkdir()
     _point(tmp_path, "full", 1.0, [0.10, 0.12, 0.08, 0.10], kv=500)
     _point(tmp_path, "h2o", 0.2, [0.08, 0.10, 0.06, 0.08])
     _point(tmp_path, "sink", 0.2, [0.09, 0.11, 0.07, 0.09])  # +0.01 on every article: a real gain
     _point(tmp_path, "local", 0.2, [0.20, 0.00, 0.16, 0.0])  # higher mean, all noise
     _point(tmp_path, "h2o", 0.1, [0.05, 0.05, 0.05, 0.05])
+    drawn = _drawn(monkeypatch)
     report.write(tmp_path)
-    for name in ("results.csv", "results.md", "rouge2_vs_budget.png", "kv_vs_budget.png", "kl_vs_budget.png",
-                 "kl_by_step.png"):
-        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "results.csv").stat().st_size > 0 and (tmp_path / "results.md").stat().st_size > 0
+    # Each plot shows every policy's points and the full cache's level, from the points' numbers.
+    steps = [0.01, 0.9, 1.2]
+    assert drawn == {
+        "rouge2_vs_budget.png": {"h2o": [0.05, 0.08], "local": [0.09], "sink": [0.09], "full cache": [0.10, 0.10]},
+        "kv_vs_budget.png": {"h2o": [100, 100], "local": [100], "sink": [100], "full cache": [500, 500]},
+        "kl_vs_budget.png": {"h2o": [1.0, 1.0], "local": [1.0], "sink": [1.0]},  # the full cache has no KL
+        "kl_by_step.png": {"h2o": steps, "local": steps, "sink": steps},  # at the 20% budget
+    }
+    assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for name in drawn)
     rows = {(r["policy"], r["budget"]): r for r in report.rows(report.load(tmp_path))}
     assert rows[("h2o", 0.2)]["rouge_2_vs_full"] == pytest.approx(0.8)
     assert rows[("h2o", 0.2)]["kv_vs_full"] == pytest.approx(0.2)

@@ -28,19 +28,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from conftest import ROOT
+import helm_support
 from h2o_oracle import PlainLlama, teacher_forced
-
-sys.path.insert(0, str(ROOT / "helm"))
-
-from lab_helm import testing  # noqa: E402
 
 N, FIDELITY_N = 3, 2
 MAX_TOKENS = 64  # what the XSUM requests ask for
 
 
 def _prompts(n: int) -> list[str]:
-    return [r["prompt"] for r in testing.requests(n)]
+    return [r["prompt"] for r in helm_support.requests(n)]
 
 
 def _tokenizer(n: int) -> PreTrainedTokenizerFast:
@@ -79,7 +75,7 @@ def _generate_without_helm(argv: list[str]) -> subprocess.CompletedProcess:
     script = (f"import sys; {blocked}; from h2o.lab import sweep; code = sweep.main({argv!r}); "
               "assert not [m for m in sys.modules if m.startswith(('helm.', 'rouge_score.', 'nltk.'))]; "
               "sys.exit(code)")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -129,7 +125,7 @@ def test_every_point_is_written_with_its_results(swept):
     assert sorted(p.stem for p in (report / "points").glob("*.json")) == sorted(NAMES)
     for name in NAMES:
         lines = _results(report, name)
-        assert [line["request"] for line in lines] == testing.requests(N)
+        assert [line["request"] for line in lines] == helm_support.requests(N)
         assert all(line["result"]["choices"][0]["text"].strip() for line in lines)
     assert (report / "results.md").exists() and (report / "results.csv").exists()
 
@@ -140,7 +136,7 @@ def test_per_article_rouge_is_rouge_score_on_the_texts_in_article_order(swept, n
 
     point = _point(swept["report"], name)
     texts = [line["result"]["choices"][0]["text"] for line in _results(swept["report"], name)]
-    references = [a["summary"] for a in testing.articles(N)]
+    references = [a["summary"] for a in helm_support.articles(N)]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     scores = [scorer.score(" ".join(ref.split()), text.strip()) for text, ref in zip(texts, references)]
     for key, kind in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL")):
@@ -300,8 +296,7 @@ def test_a_point_killed_before_its_record_is_redone_and_never_reported_half_done
     output = tmp_path / "benchmark_output"
     script = ("import sys; from pathlib import Path; from h2o.lab import sweep; "
               f"sweep.BENCHMARK_OUTPUT = Path({str(output)!r}); sys.exit(sweep.main({argv!r}))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "output_path": str(output),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "helm"), str(ROOT / "tests")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "output_path": str(output)}
     process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     report = tmp_path / "reports" / swept["report"].name

@@ -11,7 +11,7 @@ import sys
 import pytest
 from transformers import LlamaConfig, OPTConfig
 
-from conftest import ROOT, random_prompts
+from conftest import ROOT, child_env, random_prompts
 from h2o import models
 from h2o.serve.cli import main
 from h2o.serve.options import parser
@@ -33,7 +33,7 @@ def inputs(tmp_path_factory):
 
 
 def _torchrun(*args, ranks=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = child_env(OMP_NUM_THREADS="1")  # the scripts import conftest
     # --standalone: a free port each time, so runs never meet.
     return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", str(ranks), *args], env=env,
                           capture_output=True, text=True, timeout=300)

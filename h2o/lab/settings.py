@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +14,9 @@ from h2o import models
 from h2o.serve import helm_io
 from h2o.serve.options import CHAT_TEMPLATE
 from h2o.serve.prompts import encode
+from lab_helm.tasks import TASKS, get_task  # the tasks and their requests (needs no HELM)
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "helm"))  # lab_helm: the tasks and their requests
-
-from lab_helm.tasks import TASKS, get_task  # noqa: E402  (no HELM)
 
 
 @dataclass(frozen=True)

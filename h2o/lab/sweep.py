@@ -38,13 +38,11 @@ from h2o.lab.settings import ReportSettings
 from h2o.serve import cli, helm_io
 from h2o.serve.options import ServeOptions
 from h2o.serve.serve import serve
+from lab_helm.helm_cli import run_dir  # lab_helm: where HELM's output lives and how to read it;
+from lab_helm.paths import BENCHMARK_OUTPUT  # these three modules need no HELM installed
+from lab_helm.tasks import Task, get_task
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "helm"))  # lab_helm: where HELM's output lives and how to read it
-
-from lab_helm.helm_cli import run_dir  # noqa: E402  (lab_helm.paths and .helm_cli need no HELM)
-from lab_helm.paths import BENCHMARK_OUTPUT  # noqa: E402
-from lab_helm.tasks import Task, get_task  # noqa: E402  (no HELM either)
 
 
 @dataclass(frozen=True)

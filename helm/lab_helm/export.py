@@ -36,7 +36,7 @@ def request_lines(task_name: str, n: int | None = None, log: Path | None = None)
         scenario_data.write(task, tmp, n)
         args = helm_cli.run_args(task.entry(EXPORT_MODEL_ARCH), "export", n, tmp, dry_run=True)
         with open(log or Path(tmp) / "helm-run.log", "w") as out:
-            done = subprocess.run(args, env=helm_cli.environment(), stdout=out, stderr=subprocess.STDOUT)
+            done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             raise RuntimeError(f"helm-run --dry-run failed (exit {done.returncode}); log: {log or 'rerun with --log'}")
         state = json.loads((helm_cli.run_dir(tmp, "export") / "scenario_state.json").read_text())

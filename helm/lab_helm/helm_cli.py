@@ -1,14 +1,13 @@
-"""Running helm-run from Python: the executable, the environment, the run directory."""
+"""Running helm-run from Python: the executable, its arguments, the run directory."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-from lab_helm.paths import HELM_DIR, PROD_ENV
+from lab_helm.paths import PROD_ENV
 
 PLUGINS = "lab_helm.run_specs"  # the lab's run specs (lab_multi_news, lab_needle), for --plugins
 
@@ -22,14 +21,6 @@ def executable(name: str) -> str:
     if not found:
         raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH")
     return found
-
-
-def environment(**extra: str) -> dict[str, str]:
-    """The current environment with helm/ and the repository on PYTHONPATH, so HELM can import lab_helm."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HELM_DIR), str(HELM_DIR.parent)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(extra)
-    return env
 
 
 def run_args(entry: str, suite: str, n: int, output_path: str | Path, dry_run: bool = False) -> list[str]:

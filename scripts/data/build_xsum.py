@@ -8,12 +8,7 @@ scenario reads it instead of downloading it: {"train": [], "validation": [], "te
 articles}. our_run.sh and the export stage do this themselves; this is for a helm-run of your own.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "helm"))
-
-from lab_helm.scenario_data import main  # noqa: E402
+from lab_helm.scenario_data import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

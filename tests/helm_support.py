@@ -1,4 +1,4 @@
-"""Support code for tests/test_helm*.py: fake results, the network cut, running our_run.sh."""
+"""Support for the tests that exercise HELM's side: fake results, the network cut, running our_run.sh."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from functools import lru_cache
 from pathlib import Path
 
 from lab_helm.paths import DATA, HELM_DIR
+from lab_helm.results import read_requests
+from lab_helm.tasks import get_task
 
 REQUESTS = DATA / "xsum.jsonl"
 ARTICLES = DATA / "xsum" / "xsum_test_500.jsonl"
 
 
 def requests(n: int | None = None, task: str = "xsum") -> list[dict]:
-    with open(DATA / f"{task}.jsonl", encoding="utf-8") as f:
-        rows = [json.loads(line)["request"] for line in f if line.strip()]
+    """The first n requests of the task's data/<task>.jsonl (all when None), as the evaluation reads them."""
+    rows = read_requests(get_task(task).requests)
     return rows[:n] if n else rows
 
 
