@@ -1,7 +1,11 @@
 # Quick start: `make lab` (set-up, then full / h2o / local on XSUM with the embedded SmolLM2,
 # evaluated by HELM; TASK=multi_news or TASK=needle for the long-input tasks) and `make test`.
 # Both create .venv when missing and work offline after.
-PYTHON_SYSTEM ?= python3.11
+# The first Python from 3.11 up among python3.13, python3.12, python3.11, python3 (PYTHON_SYSTEM=...
+# overrides).
+ifeq ($(origin PYTHON_SYSTEM),undefined)
+PYTHON_SYSTEM := $(firstword $(foreach p,python3.13 python3.12 python3.11 python3,$(shell command -v $(p) >/dev/null 2>&1 && $(p) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo $(p))) python3.11)
+endif
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -10,7 +14,19 @@ TASK ?= xsum
 LAB_N ?= 10
 LAB_BATCH ?= 4
 
-.PHONY: venv lab test clean-lab
+# `make serve`: helm-server on 127.0.0.1 over this suite (make lab's, by default).
+SUITE ?= $(if $(filter xsum,$(TASK)),lab-$(LAB_N),lab-$(TASK)-$(LAB_N))
+PORT ?= 8000
+
+.PHONY: help venv lab test serve clean-lab
+
+help:
+	@echo "make venv       create .venv: pinned CPU torch, Triton, transformers, crfm-helm, h2o and lab_helm (editable)"
+	@echo "make lab        full / h2o / local on LAB_N=$(LAB_N) $(TASK) requests with SmolLM2, scored by HELM (TASK=multi_news|needle)"
+	@echo "make test       the test suite (pytest tests)"
+	@echo "make serve      helm-server on http://127.0.0.1:$(PORT) over SUITE=$(SUITE) (make lab's results)"
+	@echo "make clean-lab  remove make lab's results (out/lab, its HELM suites)"
+	@echo "make help       this list"
 
 venv: $(STAMP)
 
@@ -30,6 +46,9 @@ lab: venv
 
 test: venv
 	$(PY) -m pytest tests -q
+
+serve: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash helm/serve_local.sh --suite $(SUITE) --port $(PORT)
 
 clean-lab:
 	rm -rf out/lab helm/benchmark_output/runs/lab-* helm/benchmark_output/prod_env/lab-*
