@@ -29,7 +29,7 @@ from_caller() { case $1 in /*) echo "$1" ;; *) echo "${caller}/$1" ;; esac; }  #
 task=${2:-${task:-xsum}}
 # The task first, before anything is created: a task is a requests file ../data/<task>.jsonl.
 [[ ${task} =~ ^[A-Za-z0-9_]+$ && -f ../data/${task}.jsonl ]] \
-    || die "unknown task ${task} (no data/${task}.jsonl; one of: $(cd ../data && ls *.jsonl | sed 's/\.jsonl$//' | paste -sd' '))"
+    || die "unknown task '${task}' (no data/${task}.jsonl; one of: $(cd ../data && ls *.jsonl | sed 's/\.jsonl$//' | paste -sd' '))"
 model_arch=${3:-${model_arch:-llama}}
 jsonl=${1:-${jsonl:-}}
 files=()  # prepare's and check's arguments: --jsonl FILE, or --point NAME=FILE for each point
