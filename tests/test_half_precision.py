@@ -82,8 +82,9 @@ def test_the_fast_paths_scores_accumulate_in_float32(models, model_name, fast_ca
     generate_fast(model, [prompt], 1, make_policy("h2o", 0.5, 0.5), use_kernels=False)
     [cache] = made
     for layer in cache.layers:
-        assert layer.keys.dtype == model.dtype and layer.scores.dtype == torch.float32
-        total = layer.scores.double().sum(-1)
+        view = layer.view()
+        assert view["keys"].dtype == model.dtype and view["scores"].dtype == torch.float32
+        total = view["scores"].double().sum(-1)
         torch.testing.assert_close(total, torch.full_like(total, n * groups), rtol=2e-6, atol=0)
     generate_fast(model, [prompt], 4, make_policy("h2o", 0.1, 0.1), use_kernels=False)
-    assert all(layer.scores.dtype == torch.float32 for layer in made[-1].layers)
+    assert all(layer.view()["scores"].dtype == torch.float32 for layer in made[-1].layers)
