@@ -23,7 +23,7 @@ def test_defaults_are_auto_and_nine_tenths():
 @pytest.mark.parametrize("flags, message", [
     (["--gpu_memory_fraction", "0"], "--gpu_memory_fraction must lie in (0, 1], got 0.0"),
     (["--gpu_memory_fraction", "1.5"], "--gpu_memory_fraction must lie in (0, 1], got 1.5"),
-    (["--batch_size", "0"], "--batch_size must be auto or at least 1, got 0"),
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
 ])
 def test_bad_values_exit_2_with_one_line_before_any_weights_load(tmp_path, capsys, flags, message):
     # No such model: the flag's error comes first, so nothing was loaded.

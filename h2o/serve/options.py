@@ -124,7 +124,7 @@ class ServeOptions:
         if not self.output_path:
             raise ValueError("--output_path is required")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"--batch_size must be auto or at least 1, got {self.batch_size}")
+            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError(f"--gpu_memory_fraction must lie in (0, 1], got {self.gpu_memory_fraction}")
         if self.sample_num < 1:
