@@ -6,12 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from h2o.engine.fast import FastCache
-
 from conftest import random_prompts
 from h2o.engine.reference import attention
 from h2o.engine.reference.evicting_cache import EvictingCache
-from h2o.engine.fast import generate_fast
+from h2o.engine.fast import FastCache, generate_fast
 from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 from h2o_oracle import eos_ids
