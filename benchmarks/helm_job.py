@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-n", type=int, default=128, help="requests for the (slow) reference engine")
     p.add_argument("--reference-attention", default="sdpa", help="the reference engine's --attention")
     p.add_argument("--layers", type=int, default=32, help="fewer for a quick smoke run")
+    p.add_argument("--memory_gib", type=float, default=None,
+                   help="cap this process at G GiB of the card (a smaller card's memory); the KV pool sizes within it")
     return p
 
 
@@ -172,6 +174,10 @@ def markdown(env: dict, rows: list[dict]) -> str:
 
 def main() -> None:
     args = parser().parse_args()
+    if args.memory_gib is not None:
+        # Before anything is allocated; the fast engine's pool sizing reads the cap back.
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * (1 << 30) / total))
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     rate = matmul_rate()
     loading = time.perf_counter()

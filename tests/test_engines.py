@@ -74,12 +74,13 @@ def test_end_of_text_and_stop_sequences_end_a_row_early(gqa, tokenizer):
     _assert_same(FastEngine(model, tokenizer, _policy("h2o"), 2, steps_per_check=8).run(prompts, sampling), expected)
 
 
-def test_slots_grow_as_longer_prompts_arrive(gqa, tokenizer):
+def test_rows_of_mixed_lengths_share_the_block_table(gqa, tokenizer):
     prompts = random_prompts([20, 200, 30, 150], seed=2)
     sampling = [Sampling(max_new_tokens=6)] * 4
     engine = FastEngine(gqa, tokenizer, None, 2, steps_per_check=2)
     done = engine.run(prompts, sampling)
-    assert engine.cache.capacity == 200 + 6 + 1  # the full cache: prompt + max_tokens + 1
+    # The table is as wide as the longest request's layer: the full cache's prompt + max_tokens + 1.
+    assert engine.cache.slots == 7 * 32 >= 200 + 6 + 1
     _assert_same(done, _reference(gqa, tokenizer, prompts, sampling, None, batch=1))
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import random_prompts
 from h2o.engine.reference import attention
 from h2o.engine.reference.evicting_cache import EvictingCache
-from h2o.engine.fast import generate_fast
+from h2o.engine.fast import FastCache, generate_fast
 from h2o.engine.reference.generation import Eviction, Sampling, generate
 from h2o.policies import make_policy
 from h2o_oracle import eos_ids
@@ -38,22 +38,29 @@ POLICIES = [("tova", (0.1, 0.1), {}), ("tova", (0.0, 0.3), {}), ("tova", (0.02, 
 
 @pytest.mark.parametrize("name, ratios, options", POLICIES)
 @pytest.mark.parametrize("model_name", ["mha", "gqa"])
-def test_fast_tova_and_h2o_sink_give_the_reference_drop_tokens(request, tokenizer, fast_caches, model_name, name,
+def test_fast_tova_and_h2o_sink_give_the_reference_drop_tokens(request, tokenizer, monkeypatch, model_name, name,
                                                                ratios, options):
     model = request.getfixturevalue(model_name)
     prompts = random_prompts([64, 101, 47], seed=70)
     policy = make_policy(name, *ratios, **options)
     expected = _reference(model, tokenizer, prompts, policy)
     assert sum(len(t) for t in expected) >= 2 * NEW_TOKENS
-    made = fast_caches
+    held = {}  # row -> each layer's held slots per KV head as its sequence ends
+    release = FastCache.release
+
+    def spy(self, row):
+        held[row] = [(layer.view()["positions"][row] >= 0).sum(-1).tolist() for layer in self.layers]
+        release(self, row)
+
+    monkeypatch.setattr(FastCache, "release", spy)
     assert _fast(model, tokenizer, prompts, policy, prefill_rows=2) == expected
     # After the last step, every layer and KV head holds the window less the coming token, the
     # heavy hitters, and (h2o-sink) the parked token: heavy + recent, or for TOVA heavy + recent - 1.
     budgets = [policy.budget(len(p)) for p in prompts]
     parked = 1 if policy.parks_leaving_token else 0
-    for layer in made[-1].layers:
-        held = (layer.positions >= 0).sum(-1)
-        assert held.tolist() == [[b.total - 1 + parked] * held.shape[1] for b in budgets]
+    heads = model.config.num_key_value_heads
+    assert held == {row: [[b.total - 1 + parked] * heads] * model.config.num_hidden_layers
+                    for row, b in enumerate(budgets)}
     assert _fast(model, tokenizer, prompts[1:2], policy) == expected[1:2]
     full = generate(model, tokenizer, prompts, [Sampling(max_new_tokens=NEW_TOKENS)] * len(prompts))
     assert expected != [c.token_ids for c in full]  # the eviction shows

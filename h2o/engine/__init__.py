@@ -26,7 +26,10 @@ def make_engine(name: EngineName, model: PreTrainedModel, tokenizer: PreTrainedT
                 options: EngineOptions) -> Engine:
     """The engine `name` for this model and policy (None: the full cache)."""
     if name == "fast":
-        return FastEngine(model, tokenizer, policy, options.batch_size, cuda_graph=options.cuda_graph)
+        return FastEngine(model, tokenizer, policy, options.batch_size, cuda_graph=options.cuda_graph,
+                          gpu_memory_fraction=options.gpu_memory_fraction)
+    if options.batch_size is None:
+        raise ValueError("the reference engine needs a batch size")
     return ReferenceEngine(model, tokenizer, policy, options)
 
 

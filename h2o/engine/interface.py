@@ -26,12 +26,14 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How an engine serves: `batch_size` sequences at once; the reference engine's KV mode
-    (`kv_mode`, mask or drop) and attention kernel (`attention`); the fast engine's CUDA graph
-    (None: on CUDA)."""
+    """How an engine serves: `batch_size` sequences at once (the fast engine: at most; None: as
+    many as its KV pool holds); the reference engine's KV mode (`kv_mode`, mask or drop) and
+    attention kernel (`attention`); the fast engine's CUDA graph (None: on CUDA) and the share
+    of the GPU's memory its KV pool may fill up to (`gpu_memory_fraction`)."""
 
-    batch_size: int = 1
+    batch_size: int | None = 1
     kv_mode: str = "drop"
     attention: str = "eager"
     cuda_graph: bool | None = None
+    gpu_memory_fraction: float = 0.9
 

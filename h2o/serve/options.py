@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from transformers import PretrainedConfig
+
 from h2o import models
 from h2o.engine.reference.attention import ATTENTION_IMPLEMENTATIONS
 from h2o.engine.reference.evicting_cache import KV_MODES
@@ -58,10 +60,14 @@ def parser() -> argparse.ArgumentParser:
                         "oracle (mask mode, --attention); auto: fast wherever it can serve")
     p.add_argument("--attention", choices=sorted(ATTENTION_IMPLEMENTATIONS), default=ServeOptions.attention,
                    help="attention kernel of the reference engine under the small cache")
-    p.add_argument("--batch_size", type=int, default=ServeOptions.batch_size,
-                   help="sequences decoded at once (the fast engine refills a row as soon as it ends)")
+    p.add_argument("--batch_size", type=batch_size, default="auto",
+                   help="at most this many sequences decoded at once (the fast engine refills a row as soon as "
+                        "it ends); auto: on a GPU as many as the fast engine's KV pool holds, else 1")
+    p.add_argument("--gpu_memory_fraction", type=float, default=ServeOptions.gpu_memory_fraction,
+                   help="share of the GPU's memory that weights, activations and the fast engine's KV pool may take")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
-    p.add_argument("--dtype", choices=sorted(models.DTYPES), default=ServeOptions.dtype)
+    p.add_argument("--dtype", choices=sorted(models.DTYPES) + ["auto"], default=ServeOptions.dtype,
+                   help="auto: float16 on CUDA (bfloat16 where the checkpoint says so), float32 on the CPU")
     p.add_argument("--tensor_parallel", nargs="?", type=int, const=distributed.Ranks.from_env().world, metavar="K",
                    help="under torchrun: shard the model over K ranks (default: all) by transformers' tensor-parallel "
                         "plan, each rank holding the cache of its own KV heads; N ranks hold N/K copies of the "
@@ -71,6 +77,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chat_template", choices=CHAT_TEMPLATE, default=ServeOptions.chat_template,
                    help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
     return p
+
+
+def batch_size(text: str) -> int | None:
+    """--batch_size: an int, or None for auto."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"auto or an integer, not {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -97,9 +113,10 @@ class ServeOptions:
     shrink: float | None = None  # None: h2o-shrink's default
     engine: str = "auto"  # one of ENGINES
     attention: str = "eager"
-    batch_size: int = 1
+    batch_size: int | None = None  # None: auto
+    gpu_memory_fraction: float = 0.9
     device: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     tensor_parallel: int | None = None  # ranks per model copy; None: no tensor parallel
     device_map: str | None = None
     chat_template: str = "auto"  # one of CHAT_TEMPLATE
@@ -112,8 +129,10 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if not self.output_path:
             raise ValueError("--output_path is required")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError(f"--gpu_memory_fraction must lie in (0, 1], got {self.gpu_memory_fraction}")
         if self.sample_num < 1:
             raise ValueError(f"--sample_num must be at least 1, got {self.sample_num}")
         if self.k < 0:
@@ -149,10 +168,10 @@ class ServeOptions:
                 log.warning("%s: no effect without --enable_small_cache (this run keeps the full cache)",
                             " and ".join(unused))
 
-    @property
-    def model_dtype(self) -> str:
-        """The weights' dtype: --dtype, or float16 under --fp16."""
-        return "float16" if self.fp16 else self.dtype
+    def model_dtype(self, device: str, config: PretrainedConfig) -> str:
+        """The weights' dtype on `device`: float16 under --fp16, else --dtype as
+        `models.resolve_dtype` reads it."""
+        return "float16" if self.fp16 else models.resolve_dtype(self.dtype, device, config)
 
     def build_policy(self) -> Policy | None:
         """The small cache's policy, or None for the full cache; a policy's own checks raise ValueError."""

@@ -80,8 +80,9 @@ def serve(options: ServeOptions, model: PreTrainedModel | None = None) -> Served
             torch.manual_seed(options.seed)
             loading = time.perf_counter()
             if model is None:
-                model = models.load_model(options.model_name, device, options.model_dtype, options.device_map,
-                                          tensor_parallel=options.tensor_parallel or 0, cache_dir=options.cache_dir)
+                model = models.load_model(options.model_name, device, options.model_dtype(device, config),
+                                          options.device_map, tensor_parallel=options.tensor_parallel or 0,
+                                          cache_dir=options.cache_dir)
             loaded = time.perf_counter() - loading
             served = run(options, model, tokenizer, encoded, policy, writer, engine)
             log.info("generated %d tokens in %.2f s: %.1f tok/s (model load %.2f s apart)",
@@ -136,7 +137,7 @@ def run(options: ServeOptions, model: PreTrainedModel, tokenizer: PreTrainedToke
     """Serve the requests and hand each result to `writer` as soon as it exists. Out of GPU
     memory, the batch is halved and the requests without a result are served again (a request's
     result does not depend on its batch)."""
-    batch, stats = options.batch_size, {}
+    batch, stats = batch_rows(options.batch_size, engine, model), {}
     generated, started = 0, time.perf_counter()
     left = encoded
     with tqdm(total=len(encoded), unit="req") as bar:
@@ -152,7 +153,7 @@ def run(options: ServeOptions, model: PreTrainedModel, tokenizer: PreTrainedToke
                 _serve(options, model, tokenizer, left, policy, engine, batch, keep, stats)
                 break
             except torch.OutOfMemoryError:
-                if batch == 1 or not halve_on_oom:
+                if batch is None or batch == 1 or not halve_on_oom:
                     raise
                 unanswered = set(writer.todo())
                 left = [item for item in left if item.index in unanswered]
@@ -164,8 +165,16 @@ def run(options: ServeOptions, model: PreTrainedModel, tokenizer: PreTrainedToke
     return Served(generated, time.perf_counter() - started, stats)
 
 
+def batch_rows(batch_size: int | None, engine: EngineName, model: PreTrainedModel) -> int | None:
+    """--batch_size for the engine: auto (None) stays None for the fast engine on a GPU (it
+    fills its KV pool), and is 1 elsewhere."""
+    if batch_size is None and not (engine == "fast" and model.device.type == "cuda"):
+        return 1
+    return batch_size
+
+
 def _serve(options: ServeOptions, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoded: list[Encoded],
-           policy: Policy | None, engine: EngineName, batch: int, keep: Keep, stats: dict[str, float]) -> None:
+           policy: Policy | None, engine: EngineName, batch: int | None, keep: Keep, stats: dict[str, float]) -> None:
     sampling = [
         Sampling(max_new_tokens=e.request.max_tokens, temperature=e.request.temperature, top_p=e.request.top_p,
                  top_k=options.k, stop=e.request.stop, top_logprobs=e.request.top_logprobs,
@@ -174,10 +183,13 @@ def _serve(options: ServeOptions, model: PreTrainedModel, tokenizer: PreTrainedT
     ]
     # Under tensor parallel the step holds collectives: no CUDA graph until one is measured there.
     engine_options = EngineOptions(batch_size=batch, kv_mode=options.kv_mode, attention=options.attention,
-                                   cuda_graph=False if options.tensor_parallel else None)
+                                   cuda_graph=False if options.tensor_parallel else None,
+                                   gpu_memory_fraction=options.gpu_memory_fraction)
     served = make_engine(engine, model, tokenizer, policy, engine_options)
     try:
-        served.run([e.ids for e in encoded], sampling, lambda i, done: keep(encoded[i], done, batch))
+        # auto: the rows the fast engine's pool gave it, known once its run has started.
+        served.run([e.ids for e in encoded], sampling,
+                   lambda i, done: keep(encoded[i], done, batch or served.cache.batch))
     finally:
         for name, value in getattr(served, "stats", {}).items():
             stats[name] = stats.get(name, 0) + value

@@ -18,8 +18,9 @@ Contract of `generate_fast(model, prompts, max_new_tokens, policy)`:
   sums run in another order: results agree to rounding, and greedy tokens agree unless two
   logits or two scores tie to within it. Exactly equal scores (a token repeated with the
   same attention) are broken by slot order here and by top-k's order in the reference.
-- Memory: each (layer, sequence, KV head) holds exactly heavy + recent + 1 slots of the
-  largest budget in the batch, allocated once. The prompts are prefilled in slices of at most
+- Memory: one pool of fixed-size blocks for all layers, allocated once; each (layer,
+  sequence) holds the blocks of its own heavy + recent + 1 slots there, for as long as
+  the sequence runs. The prompts are prefilled in slices of at most
   `prefill_rows` times the longest prompt's tokens and compacted layer by layer, so the
   full-length keys and values of one layer of one slice are the most that ever exist at once.
 - Policies: any `Policy` that keeps the base class's `select` (h2o, local, h2o-avg, sink,

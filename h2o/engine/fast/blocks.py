@@ -1,6 +1,6 @@
 """Paged KV memory's bookkeeping: a pool of fixed-size blocks and the tables that map slots to them.
 
-Instead of a rectangle of rows x capacity slots per layer, sized by the largest budget admitted,
+Instead of a rectangle of rows x capacity slots per layer, sized by the largest budget,
 keys and values live in blocks of `block_size` slots, [kv_heads, block_size, head_dim] each for
 keys and for values (positions, active flags and scores beside them, [kv_heads, block_size]).
 One pool serves all layers; a row (one sequence of the batch) takes in each layer the blocks its
@@ -179,7 +179,7 @@ def locate(tables: torch.Tensor, slots: torch.Tensor, block_size: int) -> tuple[
 
 
 def gather(pool: torch.Tensor, tables: torch.Tensor, slots: int, fill: float | int | bool) -> torch.Tensor:
-    """The dense (B, H, slots, ...) view, as FastCache's rectangle holds it, of a pool
+    """The dense (B, H, slots, ...) view, as FastCache's torch path reads it, of a pool
     (num_blocks, H, block_size, ...) through `tables` (B, max_blocks); slots where a row has no
     block read `fill` (a free slot: position -1, inactive, score 0)."""
     b, heads, block_size = tables.shape[0], pool.shape[1], pool.shape[2]

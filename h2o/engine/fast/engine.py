@@ -4,14 +4,16 @@
 chose (one copy), hands it to each request's `Transcript` (end of text, stop sequences,
 max_tokens), and gives the rows that finished to the next requests: their prompts are prefilled
 into those rows' slots while the other rows keep theirs, so a batch never waits for its longest
-member. Free rows wait until a quarter of the rows is free (or every request left fits): a
-prefill of one or two prompts would leave a GPU's matrix units mostly idle.
+member. A request starts when a row and the blocks its budget needs (`h2o.engine.fast.blocks`)
+are free, and gives both back when it ends. Free rows wait until a quarter of the rows is free
+(or every request left fits): a prefill of one or two prompts would leave a GPU's matrix units
+mostly idle.
 Between two checks the rows decode without the host: on CUDA those `steps_per_check` steps
 (model, eviction and the choice of tokens, `h2o.engine.sampling`) are one captured CUDA graph.
 
-Requests are taken shortest prompt first, so the slots (sized by the largest budget admitted so
-far) grow a few times instead of being sized for the longest prompt from the start; the graph is
-captured again after each growth. A finished row may decode a few tokens past its end before the
+The KV memory is one pool of blocks, sized once at `run()`: on CUDA what `gpu_memory_fraction`
+of the card leaves (`blocks.pool_size`), on the CPU room for `rows` requests of the largest
+budget. The block table changes in place, so the graph is captured once. A finished row may decode a few tokens past its end before the
 next check: they are computed and thrown away, and its state is never read again.
 
 The full cache is the same machinery with no heavy hitters and a window of prompt + max_tokens:
@@ -23,13 +25,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import islice
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from h2o.engine.decoding import left_pad
-from h2o.engine.fast.slots import ATTENTION, FastCache
+from h2o.engine.fast import blocks
+from h2o.engine.fast.slots import ATTENTION, BLOCK_SIZE, FastCache
 from h2o.engine.kv_report import kv_bytes_per_token, kv_report
 from h2o.engine.sampling import Choice, Sampler, Sampling
 from h2o.engine.transcript import Completion, Transcript, eos_ids
@@ -40,7 +44,21 @@ from h2o.policies import Budget, Policy, make_policy
 PREFILL_TOKENS = 32768
 STEPS_PER_CHECK = 16
 ADMIT_EVERY = 4  # admit once this fraction (1 / ADMIT_EVERY) of the rows is free
-IDLE = Budget(heavy=0, recent=1)  # a row with no request: holds its newest token only
+IDLE = Budget(heavy=0, recent=1)  # a row with no request: holds no blocks
+# Device memory kept out of the pool for the prefill's activations, per prefill token and per
+# unit of the model's widest layer (hidden or intermediate size), in bytes of its dtype: a
+# slice's hidden states, MLP intermediates, one layer's full-length keys and values.
+ACTIVATION_FACTOR = 8
+
+
+def card_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of `device`'s card as this process may use them: within the cap of
+    torch.cuda.set_per_process_memory_fraction, which mem_get_info does not see. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    cap = int(total * torch.cuda.get_per_process_memory_fraction(device))
+    return min(free, cap - torch.cuda.memory_reserved(device)), min(total, cap)
 
 
 @dataclass
@@ -56,28 +74,35 @@ class _Request:
 class FastEngine:
     """Serves a list of requests on one model; `run()` returns their completions in input order.
     `policy` None is the full cache. `eos`: the end-of-text token ids (default: the model's and
-    the tokenizer's)."""
+    the tokenizer's). `rows` None: as many as the pool holds requests of the smallest budget.
+    `gpu_memory_fraction`: of the card's memory, what weights, activations and the pool may
+    take (CUDA; elsewhere the pool holds `rows` requests of the largest budget)."""
 
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         policy: Policy | None,
-        rows: int,
+        rows: int | None,
         *,
         steps_per_check: int = STEPS_PER_CHECK,
         prefill_tokens: int = PREFILL_TOKENS,
         cuda_graph: bool | None = None,
         use_kernels: bool | None = None,
         eos: Iterable[int] | None = None,
+        gpu_memory_fraction: float = 0.9,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
-        if rows < 1:
+        if rows is not None and rows < 1:
             raise ValueError("rows must be at least 1")
         self.model, self.tokenizer, self.policy, self.rows = model, tokenizer, policy, rows
         self.steps_per_check, self.prefill_tokens = steps_per_check, prefill_tokens
         self.device = model.device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.use_kernels = use_kernels
+        self.gpu_memory_fraction, self.block_size = gpu_memory_fraction, block_size
+        # Layer budgets of every row, the full cache's too (never over budget: keeps everything).
+        self.cache_policy = policy or make_policy("h2o", 0.0, 1.0)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos = eos_ids(model, tokenizer) if eos is None else set(eos)
 
@@ -102,8 +127,11 @@ class FastEngine:
             _Request(i, p, s, self.budget(p, s), Transcript(self.tokenizer, s, self.eos))
             for i, (p, s) in enumerate(zip(prompts, sampling))
         ]
-        rows = min(self.rows, len(requests))
-        self._start(rows, requests)
+        needs = [blocks.blocks_for(self._slots(r.budget), self.block_size) for r in requests]
+        num_blocks = self._pool_blocks(len(requests) if self.rows is None else self.rows, max(needs))
+        rows = min(len(requests), self.rows or (num_blocks - 1) // min(needs))
+        num_blocks = min(num_blocks, 1 + rows * max(needs))  # more than `rows` requests can use is idle
+        self._start(rows, requests, num_blocks)
         # Wall seconds in prefills and in decode chunks (each ends with a host sync), and tokens.
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prompt_tokens": 0, "padded_tokens": 0,
                       "chunks": 0, "captures": 0}
@@ -112,11 +140,19 @@ class FastEngine:
         done: dict[int, Completion] = {}
         while pending or any(serving):
             free = [row for row, r in enumerate(serving) if r is None]
+            # As many of the next requests as free rows and free blocks hold.
+            fits, spare = 0, self.cache.pool.free_count
+            for request in islice(pending, len(free)):
+                spare -= self.cache.blocks_needed(request.budget)
+                if spare < 0:
+                    break
+                fits += 1
             # Free rows wait for company (a quarter of the rows, or every request left): a
-            # prefill of a few prompts would leave the GPU's matrix units idle.
-            if pending and len(free) >= max(1, min(len(pending), rows // ADMIT_EVERY)):
+            # prefill of a few prompts would leave the GPU's matrix units idle; with no row
+            # serving, nothing would free more.
+            if fits and (fits >= max(1, min(len(pending), rows // ADMIT_EVERY)) or not any(serving)):
                 # In input order: where every request fits at once, row i serves request i.
-                admitted = sorted((pending.popleft() for _ in free[: len(pending)]), key=lambda r: r.index)
+                admitted = sorted((pending.popleft() for _ in range(fits)), key=lambda r: r.index)
                 for row, request in zip(free, admitted):
                     serving[row] = request
                 self._admit(free[: len(admitted)], admitted, serving, done)
@@ -124,11 +160,32 @@ class FastEngine:
             self._decode(serving, done)
         return [done[i] for i in range(len(requests))]
 
-    def _start(self, rows: int, requests: list[_Request]) -> None:
-        policy = self.policy or make_policy("h2o", 0.0, 1.0)  # never over budget: keeps everything
+    def _slots(self, budget: Budget) -> list[int]:
+        return blocks.row_slots(self.cache_policy.layer_budgets(budget, self.model.config.num_hidden_layers))
+
+    def _pool_blocks(self, rows: int, request_blocks: int) -> int:
+        """Blocks of the pool (the null block among them): on CUDA what `gpu_memory_fraction`
+        of the card leaves (within a per-process cap, which mem_get_info does not see), else
+        room for `rows` requests of `request_blocks`."""
+        memory = card_memory(self.device)
+        if memory is None:
+            return 1 + rows * request_blocks
+        free, total = memory
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        size = self.model.dtype.itemsize
+        widest = max(config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
+        reserve = self.prefill_tokens * widest * size * ACTIVATION_FACTOR
+        return blocks.pool_size(free, total, self.gpu_memory_fraction,
+                                blocks.block_bytes(kv_heads, self.block_size, head_dim, size), reserve, request_blocks)
+
+    def _start(self, rows: int, requests: list[_Request], num_blocks: int) -> None:
         has_heavy = any(r.budget.heavy > 0 for r in requests)
-        self.cache = FastCache(policy, self.model.config.num_hidden_layers, [], self.device, self.use_kernels,
-                               budgets=[IDLE] * rows, has_heavy=has_heavy)
+        max_blocks = max(max(blocks.layer_blocks(self._slots(r.budget), self.block_size)) for r in requests)
+        self.cache = FastCache(self.cache_policy, self.model.config.num_hidden_layers, [], self.device,
+                               self.use_kernels, budgets=[IDLE] * rows, has_heavy=has_heavy, num_blocks=num_blocks,
+                               max_blocks=max_blocks, block_size=self.block_size)
         self.sampler = Sampler(rows, self.device, max(r.sampling.top_logprobs for r in requests),
                                any(r.sampling.top_k > 0 or r.sampling.top_p < 1 for r in requests))
         self.next_ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
@@ -149,10 +206,7 @@ class FastEngine:
         now = began = time.perf_counter()
         for request in admitted:
             request.started = now
-        capacity = self.cache.capacity
         self.cache.assign(rows, [r.budget for r in admitted])
-        if self.cache.capacity != capacity:
-            self.graph, self.eager_chunks = None, 0  # the slots moved: settle, then capture again
         self.model.set_attn_implementation(ATTENTION)
         order = sorted(range(len(rows)), key=lambda i: len(admitted[i].prompt))
         logits = torch.empty(len(rows), self.model.config.vocab_size, device=self.device)
@@ -248,6 +302,7 @@ class FastEngine:
     def _finish(self, row: int, serving: list, done: dict) -> None:
         request = serving[row]
         serving[row] = None
+        self.cache.release(row)
         completion = request.transcript.finish()
         completion.kv_cache = kv_report("fast", self.model, len(request.prompt), len(request.transcript.ids),
                                         policy=self.policy, budget=request.budget, peak_bytes=self._peak_bytes(request))
