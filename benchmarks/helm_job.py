@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="xsum", choices=("xsum", "multi_news", "needle"), help="data/<task>.jsonl")
     p.add_argument("--n", type=int, default=500, help="the task's first requests (all it has, if fewer)")
     p.add_argument("--fast", default="full:64,128,256;h2o:64,128,256,384;local:128,256,384",
-                   help="policy:batches;... for the fast engine")
+                   help="policy:batches;... for the fast engine (a batch may be auto: as many rows as the pool holds)")
     p.add_argument("--reference", default="h2o:32,64", help="policy:batches;... for the reference engine")
     p.add_argument("--reference-n", type=int, default=128, help="requests for the (slow) reference engine")
     p.add_argument("--reference-attention", default="sdpa", help="the reference engine's --attention")
@@ -111,7 +111,7 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / times[len(times) // 2]
 
 
-def one_run(model, tokenizer, inputs: Path, engine: str, policy: str, batch: int, n: int, attention: str,
+def one_run(model, tokenizer, inputs: Path, engine: str, policy: str, batch: int | None, n: int, attention: str,
             floor_rate: float, multiplied: int) -> dict:
     options = POINTS[policy].serve_options(ServeOptions(
         output_path=str(inputs.with_suffix(".out.jsonl")), input_path=str(inputs), batch_size=batch, sample_num=n,
@@ -124,7 +124,7 @@ def one_run(model, tokenizer, inputs: Path, engine: str, policy: str, batch: int
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    row = {"engine": engine, "policy": policy, "batch": batch, "requests": n}
+    row = {"engine": engine, "policy": policy, "batch": "auto" if batch is None else batch, "requests": n}
     try:
         torch.cuda.synchronize()
         with results.ResultsWriter(output, requests) as writer:
@@ -148,7 +148,7 @@ def plan(text: str) -> list[tuple[str, int]]:
     runs = []
     for part in filter(None, text.split(";")):
         policy, batches = part.split(":")
-        runs += [(policy, int(b)) for b in batches.split(",")]
+        runs += [(policy, None if b == "auto" else int(b)) for b in batches.split(",")]  # auto: what the pool holds
     return runs
 
 
