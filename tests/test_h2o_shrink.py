@@ -66,17 +66,27 @@ def test_drop_gives_mask_modes_tokens_and_both_differ_from_h2o(mha, tokenizer):
 
 
 @pytest.mark.parametrize("ratios", [(0.1, 0.1), (0.05, 0.15), (0.2, 0.05)])
-def test_the_fast_engine_gives_the_reference_drop_tokens(gqa, tokenizer, fast_caches, ratios):
+def test_the_fast_engine_gives_the_reference_drop_tokens(gqa, tokenizer, fast_caches, monkeypatch, ratios):
     from test_fast_policies_and_slicing import _fast, _reference
+
+    from h2o.engine.fast import FastCache
 
     prompts = random_prompts([64, 101, 47], seed=70)
     policy = make_policy("h2o-shrink", *ratios, shrink=0.1)
     expected = _reference(gqa, tokenizer, prompts, policy)
+    held = {}  # row -> each layer's held slots per KV head as its sequence ends (its blocks go back then)
+    release = FastCache.release
+
+    def spy(self, row):
+        held[row] = [(layer.view()["positions"][row] >= 0).sum(-1).tolist() for layer in self.layers]
+        release(self, row)
+
+    monkeypatch.setattr(FastCache, "release", spy)
     assert _fast(gqa, tokenizer, prompts, policy, prefill_rows=2) == expected
     assert not fast_caches[-1].use_kernels  # its own ranking: the torch path
-    for layer in fast_caches[-1].layers:  # H2O's slots: heavy + recent, the parked token included
-        held = (layer.positions >= 0).sum(-1)
-        assert held.tolist() == [[policy.budget(len(p)).total] * held.shape[1] for p in prompts]
+    # H2O's slots: heavy + recent, the parked token included.
+    heads, layers = gqa.config.num_key_value_heads, gqa.config.num_hidden_layers
+    assert held == {row: [[policy.budget(len(p)).total] * heads] * layers for row, p in enumerate(prompts)}
 
 
 def test_the_knob_reaches_run_helm_and_is_refused_for_other_policies():
