@@ -108,7 +108,7 @@ def test_each_rank_holds_the_cache_of_its_own_kv_heads(tiny_model_dir, tmp_path)
         f"model = models.load_model({str(tiny_model_dir)!r}, tensor_parallel=2)\n"
         "engine = FastEngine(model, tiny_tokenizer(), make_policy('h2o', 0.1, 0.1), 2)\n"
         "engine.run(random_prompts([40, 60]), [Sampling(max_new_tokens=4)] * 2)\n"
-        f"open({str(tmp_path)!r} + f'/heads{{dist.get_rank()}}', 'w').write(str(engine.cache.layers[0].keys.shape[1]))\n"
+        f"open({str(tmp_path)!r} + f'/heads{{dist.get_rank()}}', 'w').write(str(engine.cache.blocks['keys'].shape[1]))\n"
     )
     done = _torchrun(str(script))
     assert done.returncode == 0, done.stderr[-3000:]
