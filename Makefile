@@ -1,10 +1,10 @@
 # Quick start: `make lab` (set-up, then full / h2o / local on XSUM with the embedded SmolLM2,
 # evaluated by HELM; TASK=multi_news or TASK=needle for the long-input tasks) and `make test`.
 # Both create .venv when missing and work offline after.
-# The first Python from 3.11 up among python3.13, python3.12, python3.11, python3 (PYTHON_SYSTEM=...
+# The first Python from 3.11 up among python3.11, python3, python3.12, python3.13 (PYTHON_SYSTEM=...
 # overrides).
 ifeq ($(origin PYTHON_SYSTEM),undefined)
-PYTHON_SYSTEM := $(firstword $(foreach p,python3.13 python3.12 python3.11 python3,$(shell command -v $(p) >/dev/null 2>&1 && $(p) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo $(p))) python3.11)
+PYTHON_SYSTEM := $(firstword $(foreach p,python3.11 python3 python3.12 python3.13,$(shell command -v $(p) >/dev/null 2>&1 && $(p) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo $(p))) python3.11)
 endif
 VENV := .venv
 PY := $(VENV)/bin/python
