@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from h2o.policies import Budget, Policy
 
 
-def kv_bytes_per_token(model: PreTrainedModel) -> int:
-    """Bytes of one token's keys and values over all layers and KV heads."""
-    config = model.config
+def kv_heads_and_size(config: PretrainedConfig) -> tuple[int, int]:
+    """A layer's KV heads and their head size."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # OPT, GPT-NeoX: none
-    return config.num_hidden_layers * kv_heads * 2 * head_dim * model.dtype.itemsize
+    return kv_heads, head_dim
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """Bytes of one token's keys and values over all layers and KV heads."""
+    kv_heads, head_dim = kv_heads_and_size(model.config)
+    return model.config.num_hidden_layers * kv_heads * 2 * head_dim * model.dtype.itemsize
 
 
 def kv_report(

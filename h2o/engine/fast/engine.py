@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from h2o.engine.decoding import left_pad
 from h2o.engine.fast import blocks
 from h2o.engine.fast.slots import ATTENTION, BLOCK_SIZE, FastCache
-from h2o.engine.kv_report import kv_bytes_per_token, kv_report
+from h2o.engine.kv_report import kv_bytes_per_token, kv_heads_and_size, kv_report
 from h2o.engine.sampling import Choice, Sampler, Sampling
 from h2o.engine.transcript import Completion, Transcript, eos_ids
 from h2o.policies import Budget, Policy, make_policy
@@ -68,6 +68,8 @@ class _Request:
     sampling: Sampling
     budget: Budget
     transcript: Transcript
+    slots: list[int]  # held in each layer
+    blocks: int  # taken from the pool, all layers
     started: float = 0.0
 
 
@@ -123,11 +125,13 @@ class FastEngine:
         self.on_done = on_done
         if len(prompts) != len(sampling):
             raise ValueError("one Sampling per prompt")
-        requests = [
-            _Request(i, p, s, self.budget(p, s), Transcript(self.tokenizer, s, self.eos))
-            for i, (p, s) in enumerate(zip(prompts, sampling))
-        ]
-        needs = [blocks.blocks_for(self._slots(r.budget), self.block_size) for r in requests]
+        requests = []
+        for i, (p, s) in enumerate(zip(prompts, sampling)):
+            budget = self.budget(p, s)
+            slots = blocks.row_slots(self.cache_policy.layer_budgets(budget, self.model.config.num_hidden_layers))
+            requests.append(_Request(i, p, s, budget, Transcript(self.tokenizer, s, self.eos), slots,
+                                     blocks.blocks_for(slots, self.block_size)))
+        needs = [r.blocks for r in requests]
         num_blocks = self._pool_blocks(len(requests) if self.rows is None else self.rows, max(needs))
         rows = min(len(requests), self.rows or (num_blocks - 1) // min(needs))
         num_blocks = min(num_blocks, 1 + rows * max(needs))  # more than `rows` requests can use is idle
@@ -143,7 +147,7 @@ class FastEngine:
             # As many of the next requests as free rows and free blocks hold.
             fits, spare = 0, self.cache.pool.free_count
             for request in islice(pending, len(free)):
-                spare -= self.cache.blocks_needed(request.budget)
+                spare -= request.blocks
                 if spare < 0:
                     break
                 fits += 1
@@ -160,9 +164,6 @@ class FastEngine:
             self._decode(serving, done)
         return [done[i] for i in range(len(requests))]
 
-    def _slots(self, budget: Budget) -> list[int]:
-        return blocks.row_slots(self.cache_policy.layer_budgets(budget, self.model.config.num_hidden_layers))
-
     def _pool_blocks(self, rows: int, request_blocks: int) -> int:
         """Blocks of the pool (the null block among them): on CUDA what `gpu_memory_fraction`
         of the card leaves (within a per-process cap, which mem_get_info does not see), else
@@ -172,8 +173,7 @@ class FastEngine:
             return 1 + rows * request_blocks
         free, total = memory
         config = self.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        kv_heads, head_dim = kv_heads_and_size(config)
         size = self.model.dtype.itemsize
         widest = max(config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
         reserve = self.prefill_tokens * widest * size * ACTIVATION_FACTOR
@@ -182,7 +182,7 @@ class FastEngine:
 
     def _start(self, rows: int, requests: list[_Request], num_blocks: int) -> None:
         has_heavy = any(r.budget.heavy > 0 for r in requests)
-        max_blocks = max(max(blocks.layer_blocks(self._slots(r.budget), self.block_size)) for r in requests)
+        max_blocks = max(max(blocks.layer_blocks(r.slots, self.block_size)) for r in requests)
         self.cache = FastCache(self.cache_policy, self.model.config.num_hidden_layers, [], self.device,
                                self.use_kernels, budgets=[IDLE] * rows, has_heavy=has_heavy, num_blocks=num_blocks,
                                max_blocks=max_blocks, block_size=self.block_size)

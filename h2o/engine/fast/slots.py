@@ -119,25 +119,18 @@ class FastCache(Cache):
         self.unpadded = False
         super().__init__(layers=[FastLayer(self, i) for i in range(num_layers)])
 
-    def row_slots(self, budget: Budget) -> list[int]:
-        """Slots a row with this budget holds in each layer."""
-        return row_slots(self.policy.layer_budgets(budget, self.num_layers))
-
-    def blocks_needed(self, budget: Budget) -> int:
-        """Blocks a row with this budget takes from the pool (all layers)."""
-        return blocks_for(self.row_slots(budget), self.block_size)
-
     def assign(self, rows: list[int], budgets: list[Budget]) -> None:
         """Batch rows `rows` (holding no blocks) take new sequences with these budgets and their
         blocks (their prompts come next, by `begin_prefill`); OutOfBlocks where the pool has too
         few free, with no row changed."""
         layered = [self.policy.layer_budgets(b, self.num_layers) for b in budgets]
-        needed = sum(blocks_for(row_slots(per_layer), self.block_size) for per_layer in layered)
+        slots = [row_slots(per_layer) for per_layer in layered]
+        needed = sum(blocks_for(need, self.block_size) for need in slots)
         if not self.pool.can_allocate(needed):
             raise OutOfBlocks(f"{len(rows)} sequences need {needed} blocks, {self.pool.free_count} are free")
-        for row, budget, per_layer in zip(rows, budgets, layered):
+        for row, budget, per_layer, need in zip(rows, budgets, layered, slots):
             self.budgets[row], self.layer_budgets[row] = budget, per_layer
-            self.table.assign(row, allocate_row(self.pool, row_slots(per_layer), self.block_size))
+            self.table.assign(row, allocate_row(self.pool, need, self.block_size))
         index = torch.tensor(rows, device=self.heavy.device)
         self.heavy[:, index], self.recent[:, index] = layer_table(layered, self.heavy.device)
 
@@ -250,15 +243,25 @@ class FastLayer(CacheLayerMixin):
             return key_states, value_states
         # A free slot (position -1) always exists: at most heavy + recent are held between steps.
         tables, blocks = self._tables(), owner.blocks
-        slot = gather(blocks["positions"], tables, owner.slots, -1).argmin(-1, keepdim=True)
-        position = owner.query_positions[:, None, -1:].expand(-1, heads, 1)
+        position = owner.query_positions[:, None, -1:].expand(-1, heads, 1).to(torch.int32)
+        if owner.use_kernels:  # the kernel reads the blocks in place
+            slot = gather(blocks["positions"], tables, owner.slots, -1).argmin(-1, keepdim=True)
+            scatter(blocks["positions"], tables, slot, position)
+            scatter(blocks["active"], tables, slot, torch.ones_like(slot, dtype=torch.bool))
+        else:
+            # The torch path attends over a dense view; its positions and active flags go back to
+            # the blocks with the eviction (`observe`), its keys and values only here.
+            dense = self.dense = self.view()
+            slot = dense["positions"].argmin(-1, keepdim=True)
+            index = slot[..., None].expand(-1, -1, 1, key_states.shape[-1])
+            dense["keys"].scatter_(2, index, key_states)
+            dense["values"].scatter_(2, index, value_states)
+            dense["positions"].scatter_(2, slot, position)
+            dense["active"].scatter_(2, slot, True)
         scatter(blocks["keys"], tables, slot, key_states)
         scatter(blocks["values"], tables, slot, value_states)
-        scatter(blocks["positions"], tables, slot, position)
-        scatter(blocks["active"], tables, slot, torch.ones_like(slot, dtype=torch.bool))
-        if owner.use_kernels:  # the kernel reads the blocks in place
+        if owner.use_kernels:
             return key_states, value_states
-        self.dense = self.view()
         return self.dense["keys"], self.dense["values"]
 
     def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
