@@ -135,8 +135,9 @@ def run(options: ServeOptions, model: PreTrainedModel, tokenizer: PreTrainedToke
         policy: Policy | None, writer: results.ResultsWriter | results.Discard, engine: EngineName = "reference",
         halve_on_oom: bool = True) -> Served:
     """Serve the requests and hand each result to `writer` as soon as it exists. Out of GPU
-    memory, the batch is halved and the requests without a result are served again (a request's
-    result does not depend on its batch)."""
+    memory on the reference engine, the batch is halved and the requests without a result are
+    served again (a request's result does not depend on its batch); the fast engine backs off and
+    grows back by itself, and raises only what one request alone cannot get."""
     batch, stats = batch_rows(options.batch_size, engine, model), {}
     generated, started = 0, time.perf_counter()
     left = encoded
@@ -153,7 +154,7 @@ def run(options: ServeOptions, model: PreTrainedModel, tokenizer: PreTrainedToke
                 _serve(options, model, tokenizer, left, policy, engine, batch, keep, stats)
                 break
             except torch.OutOfMemoryError:
-                if batch is None or batch == 1 or not halve_on_oom:
+                if engine == "fast" or batch is None or batch == 1 or not halve_on_oom:
                     raise
                 unanswered = set(writer.todo())
                 left = [item for item in left if item.index in unanswered]

@@ -12,9 +12,19 @@ Between two checks the rows decode without the host: on CUDA those `steps_per_ch
 (model, eviction and the choice of tokens, `h2o.engine.sampling`) are one captured CUDA graph.
 
 The KV memory is one pool of blocks, sized once at `run()`: on CUDA what `gpu_memory_fraction`
-of the card leaves (`blocks.pool_size`), on the CPU room for `rows` requests of the largest
-budget. The block table changes in place, so the graph is captured once. A finished row may decode a few tokens past its end before the
-next check: they are computed and thrown away, and its state is never read again.
+of the card leaves once the weights and the activations are counted out (`blocks.pool_size`;
+the activations measured, as vLLM's profile run does, on a probe prefill of the longest prompt
+and one decode step), on the CPU room for `rows` requests of the largest budget. Out of memory
+anyway (another process took some), the engine backs off: a failed prefill's requests wait and
+later prefills come in smaller slices and fewer rows; a failed decode chunk sends every row's
+request back to wait, to be served again from its prompt (a request's tokens depend on its seed
+alone), on half the rows. After `GROW_AFTER` clean steps (twice as many after each back-off)
+the prefill's limits double again, up to where they began. Only out of memory for one request
+alone is raised.
+
+The block table changes in place, so the graph is captured once (again only after a decode
+back-off). A finished row may decode a few tokens past its end before the next check: they are
+computed and thrown away, and its state is never read again.
 
 The full cache is the same machinery with no heavy hitters and a window of prompt + max_tokens:
 nothing is ever evicted, so full, h2o and local run on the same code.
@@ -22,6 +32,8 @@ nothing is ever evicted, so full, h2o and local run on the same code.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -45,10 +57,18 @@ PREFILL_TOKENS = 32768
 STEPS_PER_CHECK = 16
 ADMIT_EVERY = 4  # admit once this fraction (1 / ADMIT_EVERY) of the rows is free
 IDLE = Budget(heavy=0, recent=1)  # a row with no request: holds no blocks
-# Device memory kept out of the pool for the prefill's activations, per prefill token and per
-# unit of the model's widest layer (hidden or intermediate size), in bytes of its dtype: a
-# slice's hidden states, MLP intermediates, one layer's full-length keys and values.
-ACTIVATION_FACTOR = 8
+# The probe prefill's tokens, at most: enough rows of the longest prompt to show the cost per token.
+PROBE_TOKENS = 4096
+# Of the card's room beside the weights, the share a prefill slice's activations may take; the
+# KV pool takes the rest. On a large card slices stop at `prefill_tokens` well before it.
+PREFILL_SHARE = 0.2
+# Measured activations times this: the caching allocator rounds and fragments.
+ACTIVATION_MARGIN = 1.25
+# Clean admissions and decode chunks after an out-of-memory back-off before the limits double;
+# twice as many after each back-off, so that memory that stays short is not retried forever.
+GROW_AFTER = 8
+
+log = logging.getLogger(__name__)
 
 
 def card_memory(device: torch.device) -> tuple[int, int] | None:
@@ -59,6 +79,16 @@ def card_memory(device: torch.device) -> tuple[int, int] | None:
     free, total = torch.cuda.mem_get_info(device)
     cap = int(total * torch.cuda.get_per_process_memory_fraction(device))
     return min(free, cap - torch.cuda.memory_reserved(device)), min(total, cap)
+
+
+def peak_bytes(device: torch.device, work: Callable[[], None]) -> int:
+    """Device bytes that `work` holds at its peak beyond what was allocated before it (CUDA)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    work()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 @dataclass
@@ -132,21 +162,24 @@ class FastEngine:
             requests.append(_Request(i, p, s, budget, Transcript(self.tokenizer, s, self.eos), slots,
                                      blocks.blocks_for(slots, self.block_size)))
         needs = [r.blocks for r in requests]
-        num_blocks = self._pool_blocks(len(requests) if self.rows is None else self.rows, max(needs))
+        self.slice_tokens = self.prefill_tokens
+        num_blocks = self._pool_blocks(requests, len(requests) if self.rows is None else self.rows)
         rows = min(len(requests), self.rows or (num_blocks - 1) // min(needs))
         num_blocks = min(num_blocks, 1 + rows * max(needs))  # more than `rows` requests can use is idle
+        self.requests = requests
         self._start(rows, requests, num_blocks)
         # Wall seconds in prefills and in decode chunks (each ends with a host sync), and tokens.
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prompt_tokens": 0, "padded_tokens": 0,
-                      "chunks": 0, "captures": 0}
+                      "chunks": 0, "captures": 0, "backoffs": 0}
+        self.row_cap, self.full_slice, self.calm, self.grow_after = rows, self.slice_tokens, 0, GROW_AFTER
         pending = deque(sorted(requests, key=lambda r: len(r.prompt)))
         serving: list[_Request | None] = [None] * rows
         done: dict[int, Completion] = {}
         while pending or any(serving):
             free = [row for row, r in enumerate(serving) if r is None]
-            # As many of the next requests as free rows and free blocks hold.
+            # As many of the next requests as free rows (within the cap) and free blocks hold.
             fits, spare = 0, self.cache.pool.free_count
-            for request in islice(pending, len(free)):
+            for request in islice(pending, max(0, self.row_cap - (len(serving) - len(free)))):
                 spare -= request.blocks
                 if spare < 0:
                     break
@@ -154,33 +187,133 @@ class FastEngine:
             # Free rows wait for company (a quarter of the rows, or every request left): a
             # prefill of a few prompts would leave the GPU's matrix units idle; with no row
             # serving, nothing would free more.
-            if fits and (fits >= max(1, min(len(pending), rows // ADMIT_EVERY)) or not any(serving)):
+            if fits and (fits >= max(1, min(len(pending), self.row_cap // ADMIT_EVERY)) or not any(serving)):
                 # In input order: where every request fits at once, row i serves request i.
                 admitted = sorted((pending.popleft() for _ in range(fits)), key=lambda r: r.index)
                 for row, request in zip(free, admitted):
                     serving[row] = request
-                self._admit(free[: len(admitted)], admitted, serving, done)
+                try:
+                    self._admit(free[: len(admitted)], admitted, serving, done)
+                except torch.OutOfMemoryError:
+                    if not self._back_off(serving, pending, admitted, "a prefill"):
+                        raise
+                    continue
+                self._calm()
                 continue  # a request may end at its first token: fill its row again first
-            self._decode(serving, done)
+            try:
+                self._decode(serving, done)
+            except torch.OutOfMemoryError:
+                if not self._back_off(serving, pending, [r for r in serving if r is not None], "a decode step"):
+                    raise
+                serving = [None] * self.cache.batch
+                continue
+            self._calm()
         return [done[i] for i in range(len(requests))]
 
-    def _pool_blocks(self, rows: int, request_blocks: int) -> int:
+    def _back_off(self, serving: list, pending: deque, waiting: list[_Request], where: str) -> bool:
+        """Out of memory in `where` ("a prefill" or "a decode step"): the `waiting` requests give
+        their rows back and wait again (to be served from their prompts). After a prefill, later
+        slices are half as long and at most half as many rows take requests; after a decode step
+        (whose activations grow with the rows, and are held once its graph is captured) the
+        engine goes on with half the rows. False where nothing smaller is left to try: one
+        request alone, in a slice or a row of its own."""
+        waiting_ids = {id(r) for r in waiting}
+        if where == "a prefill":
+            alone = len(waiting) == 1 and all(r is None or id(r) in waiting_ids for r in serving)
+            if alone and self.slice_tokens <= len(waiting[0].prompt):
+                return False
+        elif self.cache.batch == 1:
+            return False
+        self.stats["backoffs"] += 1
+        self.calm, self.grow_after = 0, 2 * self.grow_after
+        for row, request in enumerate(serving):
+            if request is not None and id(request) in waiting_ids:
+                serving[row] = None
+                self.cache.release(row)
+                request.transcript = Transcript(self.tokenizer, request.sampling, self.eos)
+        pending.extendleft(sorted(waiting, key=lambda r: len(r.prompt), reverse=True))
+        if where == "a prefill":
+            self.slice_tokens = max(1, self.slice_tokens // 2)
+            self.row_cap = max(1, self.row_cap // 2)
+        else:
+            rows = self.cache.batch // 2
+            del self.cache, self.graph  # the old rows' memory goes before the new rows take theirs
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._start(rows, self.requests, self.num_blocks)
+            self.row_cap = min(self.row_cap, rows)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory in %s: %d requests wait again; %d rows, at most %d taking requests, prefill "
+                    "slices of %d tokens from now on (the last two grow back after %d clean steps)", where,
+                    len(waiting), self.cache.batch, self.row_cap, self.slice_tokens, self.grow_after)
+        return True
+
+    def _calm(self) -> None:
+        """One clean admission or decode chunk: after `grow_after` of them the limits double, up
+        to where they began."""
+        self.calm += 1
+        if self.calm >= self.grow_after and (self.row_cap < self.cache.batch or self.slice_tokens < self.full_slice):
+            self.row_cap = min(self.cache.batch, 2 * self.row_cap)
+            self.slice_tokens = min(self.full_slice, 2 * self.slice_tokens)
+            self.calm = 0
+
+    def _pool_blocks(self, requests: list[_Request], rows: int) -> int:
         """Blocks of the pool (the null block among them): on CUDA what `gpu_memory_fraction`
-        of the card leaves (within a per-process cap, which mem_get_info does not see), else
-        room for `rows` requests of `request_blocks`."""
-        memory = card_memory(self.device)
-        if memory is None:
-            return 1 + rows * request_blocks
-        free, total = memory
-        config = self.model.config
-        kv_heads, head_dim = kv_heads_and_size(config)
-        size = self.model.dtype.itemsize
-        widest = max(config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
-        reserve = self.prefill_tokens * widest * size * ACTIVATION_FACTOR
-        return blocks.pool_size(free, total, self.gpu_memory_fraction,
-                                blocks.block_bytes(kv_heads, self.block_size, head_dim, size), reserve, request_blocks)
+        of the card leaves (within a per-process cap, which mem_get_info does not see) beside
+        the activations of a prefill slice and of the decoding rows, else room for `rows`
+        requests of the largest. Sets `slice_tokens`, a prefill slice's tokens."""
+        needs = [r.blocks for r in requests]
+        if card_memory(self.device) is None:
+            return 1 + rows * max(needs)
+        longest = max(len(r.prompt) for r in requests)
+        per_token, per_row = (ACTIVATION_MARGIN * b for b in self._activations(requests, longest))
+        free, total = card_memory(self.device)  # after the probe: its kernels' workspaces are in use
+        room = int(total * self.gpu_memory_fraction) - (total - free)
+        # A request's prompt is never split: a slice holds the longest at least.
+        self.slice_tokens = max(longest, min(self.prefill_tokens, int(PREFILL_SHARE * room / max(per_token, 1))))
+        kv_heads, head_dim = kv_heads_and_size(self.model.config)
+        per_block = blocks.block_bytes(kv_heads, self.block_size, head_dim, self.model.dtype.itemsize)
+        # A decoding row's activations, charged to the blocks of the smallest request.
+        per_block += math.ceil(per_row / min(needs))
+        return blocks.pool_size(free, total, self.gpu_memory_fraction, per_block, int(self.slice_tokens * per_token),
+                                max(needs))
+
+    def _activations(self, requests: list[_Request], longest: int) -> tuple[float, float]:
+        """Device bytes beyond the weights and the pool per prefill token and per decoding row,
+        measured on a prefill of a few rows of the longest prompt, then one decode step and its
+        choice, each row with the smallest request's budget."""
+        rows = max(1, min(len(requests), PROBE_TOKENS // longest))
+        small = min(requests, key=lambda r: r.blocks)
+        cache = FastCache(self.cache_policy, self.model.config.num_hidden_layers, [], self.device, self.use_kernels,
+                          budgets=[small.budget] * rows, has_heavy=any(r.budget.heavy > 0 for r in requests))
+        sampler = Sampler(rows, self.device, max(r.sampling.top_logprobs for r in requests),
+                          any(r.sampling.top_k > 0 or r.sampling.top_p < 1 for r in requests))
+        sampler.assign(list(range(rows)), [small.sampling] * rows)
+        ids = torch.full((rows, longest), self.pad, dtype=torch.long, device=self.device)
+        positions = torch.arange(longest, device=self.device).repeat(rows, 1)
+        step = positions[:, -1:] + 1
+
+        def prefill() -> None:
+            cache.begin_prefill(slice(0, rows), positions, torch.ones_like(ids, dtype=torch.bool), True)
+            self.model(input_ids=ids, position_ids=positions, cache=cache, eviction_cache=cache, use_cache=True,
+                       logits_to_keep=1)
+
+        def decode() -> None:
+            cache.begin_decode(step)
+            logits = self.model(input_ids=ids[:, :1], position_ids=step, cache=cache, eviction_cache=cache,
+                                use_cache=True).logits[:, -1]
+            sampler.choose(logits, torch.ones(rows, dtype=torch.long, device=self.device))
+
+        self.model.set_attn_implementation(ATTENTION)
+        prefill_bytes = peak_bytes(self.device, prefill) - sum(t.nbytes for t in cache.blocks.values())
+        decode_bytes = peak_bytes(self.device, decode)
+        del cache, sampler
+        torch.cuda.empty_cache()
+        return max(0, prefill_bytes) / (rows * longest), max(0, decode_bytes) / rows
 
     def _start(self, rows: int, requests: list[_Request], num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         has_heavy = any(r.budget.heavy > 0 for r in requests)
         max_blocks = max(max(blocks.layer_blocks(r.slots, self.block_size)) for r in requests)
         self.cache = FastCache(self.cache_policy, self.model.config.num_hidden_layers, [], self.device,
@@ -240,10 +373,10 @@ class FastEngine:
                 self._finish(row, serving, done)
 
     def _slices(self, requests: list[_Request]) -> list[list[int]]:
-        """Groups of (length-sorted) requests whose padded prefill fits `prefill_tokens`."""
+        """Groups of (length-sorted) requests whose padded prefill fits `slice_tokens`."""
         groups, group = [], []
         for i, request in enumerate(requests):
-            if group and (len(group) + 1) * len(request.prompt) > self.prefill_tokens:
+            if group and (len(group) + 1) * len(request.prompt) > self.slice_tokens:
                 groups.append(group)
                 group = []
             group.append(i)
