@@ -140,7 +140,8 @@ def one_run(model, tokenizer, inputs: Path, engine: str, policy: str, batch: int
     if "prompt_tokens" in stats:  # the fast engine's own counts
         row.update(padding=round(1 - stats["prompt_tokens"] / max(1, stats["padded_tokens"]), 3),
                    prefill_TFLOPs=round(2 * multiplied * stats["prompt_tokens"] / stats["prefill_s"] / 1e12, 1),
-                   backoffs=stats["backoffs"])
+                   backoffs=stats["backoffs"], rows=stats["rows"],
+                   busy_rows=round(stats["busy_row_steps"] / max(1, stats["steps"]), 1))
     output.unlink(missing_ok=True)
     return row
 
@@ -160,15 +161,17 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"{env['date']}; fp16 matrix product {env['matmul_TFLOPs']} TFLOP/s; LLaMA-7B shape, random fp16, "
              f"SmolLM2 tokenizer, {requests}",
              "", "| engine | policy | batch | requests | generated | tok/s | seconds | prefill s | decode s "
-             "| prefill TFLOP/s | padding | floor fraction | peak GiB | out-of-memory back-offs |", "|" + "---|" * 14]
+             "| prefill TFLOP/s | padding | floor fraction | peak GiB | rows | busy rows a step | out-of-memory back-offs |",
+             "|" + "---|" * 16]
     for r in rows:
         if r.get("oom"):
             lines.append(f"| {r['engine']} | {r['policy']} | {r['batch']} | {r['requests']} | out of memory |"
-                         + " |" * 9)
+                         + " |" * 11)
             continue
         cells = [r["engine"], r["policy"], r["batch"], r["requests"], r["generated"], f"{r['tok_s']:,}",
                  r["seconds"], r.get("prefill_s", ""), r.get("decode_s", ""), r.get("prefill_TFLOPs", ""),
-                 r.get("padding", ""), r["floor_fraction"], r["peak_GiB"], r.get("backoffs", "")]
+                 r.get("padding", ""), r["floor_fraction"], r["peak_GiB"], r.get("rows", ""), r.get("busy_rows", ""),
+                 r.get("backoffs", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -106,7 +107,7 @@ class _Request:
 class FastEngine:
     """Serves a list of requests on one model; `run()` returns their completions in input order.
     `policy` None is the full cache. `eos`: the end-of-text token ids (default: the model's and
-    the tokenizer's). `rows` None: as many as the pool holds requests of the smallest budget.
+    the tokenizer's). `rows` None: as many as the pool holds requests of the median budget.
     `gpu_memory_fraction`: of the card's memory, what weights, activations and the pool may
     take (CUDA; elsewhere the pool holds `rows` requests of the largest budget)."""
 
@@ -164,13 +165,17 @@ class FastEngine:
         needs = [r.blocks for r in requests]
         self.slice_tokens = self.prefill_tokens
         num_blocks = self._pool_blocks(requests, len(requests) if self.rows is None else self.rows)
-        rows = min(len(requests), self.rows or (num_blocks - 1) // min(needs))
+        # Auto: as many rows as the pool holds requests of the median need. Every row decodes at
+        # every step, busy or not, so rows that only the shortest requests could fill would cost
+        # compute for most of the run.
+        rows = min(len(requests), self.rows or max(1, (num_blocks - 1) // statistics.median_low(needs)))
         num_blocks = min(num_blocks, 1 + rows * max(needs))  # more than `rows` requests can use is idle
         self.requests = requests
         self._start(rows, requests, num_blocks)
         # Wall seconds in prefills and in decode chunks (each ends with a host sync), and tokens.
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prompt_tokens": 0, "padded_tokens": 0,
-                      "chunks": 0, "captures": 0, "backoffs": 0}
+                      "chunks": 0, "captures": 0, "backoffs": 0, "rows": rows, "steps": 0,
+                      "busy_row_steps": 0}
         self.row_cap, self.full_slice, self.calm, self.grow_after = rows, self.slice_tokens, 0, GROW_AFTER
         pending = deque(sorted(requests, key=lambda r: len(r.prompt)))
         serving: list[_Request | None] = [None] * rows
@@ -423,6 +428,8 @@ class FastEngine:
         history = self.history.tolist()
         self.stats["decode_s"] += time.perf_counter() - began
         self.stats["chunks"] += 1
+        self.stats["steps"] += self.steps_per_check
+        self.stats["busy_row_steps"] += self.steps_per_check * sum(r is not None for r in serving)
         for row, request in enumerate(serving):
             if request is None:
                 continue
