@@ -200,7 +200,7 @@ class FastEngine:
                 try:
                     self._admit(free[: len(admitted)], admitted, serving, done)
                 except torch.OutOfMemoryError:
-                    if not self._back_off(serving, pending, admitted, "a prefill"):
+                    if not self._back_off(serving, pending, admitted, prefill=True):
                         raise
                     continue
                 self._calm()
@@ -208,22 +208,22 @@ class FastEngine:
             try:
                 self._decode(serving, done)
             except torch.OutOfMemoryError:
-                if not self._back_off(serving, pending, [r for r in serving if r is not None], "a decode step"):
+                if not self._back_off(serving, pending, [r for r in serving if r is not None], prefill=False):
                     raise
                 serving = [None] * self.cache.batch
                 continue
             self._calm()
         return [done[i] for i in range(len(requests))]
 
-    def _back_off(self, serving: list, pending: deque, waiting: list[_Request], where: str) -> bool:
-        """Out of memory in `where` ("a prefill" or "a decode step"): the `waiting` requests give
-        their rows back and wait again (to be served from their prompts). After a prefill, later
+    def _back_off(self, serving: list, pending: deque, waiting: list[_Request], prefill: bool) -> bool:
+        """Out of memory in a prefill or a decode step: the `waiting` requests give their rows
+        back and wait again (to be served from their prompts). After a prefill, later
         slices are half as long and at most half as many rows take requests; after a decode step
         (whose activations grow with the rows, and are held once its graph is captured) the
         engine goes on with half the rows. False where nothing smaller is left to try: one
         request alone, in a slice or a row of its own."""
         waiting_ids = {id(r) for r in waiting}
-        if where == "a prefill":
+        if prefill:
             alone = len(waiting) == 1 and all(r is None or id(r) in waiting_ids for r in serving)
             if alone and self.slice_tokens <= len(waiting[0].prompt):
                 return False
@@ -237,7 +237,7 @@ class FastEngine:
                 self.cache.release(row)
                 request.transcript = Transcript(self.tokenizer, request.sampling, self.eos)
         pending.extendleft(sorted(waiting, key=lambda r: len(r.prompt), reverse=True))
-        if where == "a prefill":
+        if prefill:
             self.slice_tokens = max(1, self.slice_tokens // 2)
             self.row_cap = max(1, self.row_cap // 2)
         else:
@@ -250,7 +250,8 @@ class FastEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         log.warning("out of memory in %s: %d requests wait again; %d rows, at most %d taking requests, prefill "
-                    "slices of %d tokens from now on (the last two grow back after %d clean steps)", where,
+                    "slices of %d tokens from now on (the last two grow back after %d clean steps)",
+                    "a prefill" if prefill else "a decode step",
                     len(waiting), self.cache.batch, self.row_cap, self.slice_tokens, self.grow_after)
         return True
 
