@@ -57,13 +57,13 @@ def _one_forward(model: PreTrainedModel, texts: list[list[int]], starts: list[in
     else:
         model.set_attn_implementation(ATTENTION)
         extra = {"whole_text_mask": WholeTextMask.build(eviction.policy, valid, model.config.num_hidden_layers)}
-    logits = model(input_ids=ids, position_ids=positions, use_cache=False, **extra).logits
-    width = ids.shape[1]
+    # Left padding: a text's scored tokens are predicted by the last len - start + 1 columns but one.
+    kept = max(len(text) - start for text, start in zip(texts, starts)) + 1
+    logits = model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=kept, **extra).logits
     out = []
     for row, (text, start) in enumerate(zip(texts, starts)):
-        # Left padding: the text's token i sits at column width - len(text) + i, predicted by the column before.
-        first = width - len(text) + start
-        out.append(_scores(logits[row, first - 1 : width - 1].float().log_softmax(-1), text[start:]))
+        first = kept - (len(text) - start) - 1
+        out.append(_scores(logits[row, first : kept - 1].float().log_softmax(-1), text[start:]))
     return out
 
 
