@@ -47,6 +47,7 @@ class LabModelArgs:
     device: str = "cpu"
     batch_size: int = 1
     add_bos_token: bool = False
+    cache_dir: str | None = None
 
     @classmethod
     def parse(cls, given: dict[str, object]) -> LabModelArgs:
@@ -107,12 +108,22 @@ class LabLM(TemplateLM):
         self.args = LabModelArgs.parse(_lm_eval_args(given))
         self.eviction = self.args.eviction()
         try:
-            self.tokenizer, config = models.load_tokenizer(self.args.pretrained, self.args.model_arch)
-            self.model = models.load_model(self.args.pretrained, self.args.device, self.args.dtype)
+            self.tokenizer, config = models.load_tokenizer(self.args.pretrained, self.args.model_arch,
+                                                           self.args.cache_dir)
+            self.model = models.load_model(self.args.pretrained, self.args.device, self.args.dtype,
+                                           cache_dir=self.args.cache_dir)
         except (ValueError, FileNotFoundError) as error:
             raise BadInput(f"--model_args: {error}") from None
         self.max_length = getattr(config, "max_position_embeddings", None) or 2048
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def kv_cache(self) -> dict[str, object]:
+        """The cache results are scored with, as results files record it."""
+        if self.eviction is None:
+            return {"policy": None}
+        policy = self.eviction.policy
+        return {"policy": policy.name, "mode": self.eviction.mode, "heavy_ratio": policy.heavy_ratio,
+                "recent_ratio": policy.recent_ratio}
 
     @property
     def eot_token_id(self) -> int:
