@@ -213,3 +213,13 @@ def test_a_bad_task_name_in_the_papers_steps_is_one_line(tmp_path):
     run = _command("generate_task_data.py", "--output-file", str(tmp_path / "x.jsonl"), "--task-name", "nope")
     _one_line_error(run, "generate_task_data.py", "--task-name", "'nope'")
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_vendored_task_files_are_the_documented_ones():
+    import hashlib
+
+    readme = (ROOT / "data" / "README.md").read_text()
+    files = sorted((ROOT / "data" / "lm_eval").rglob("*.jsonl"))
+    assert len(files) == 11
+    for path in files:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() in readme, path
