@@ -1,6 +1,7 @@
 # Quick start: `make lab` (set-up, then full / h2o / local on XSUM with the embedded SmolLM2,
-# evaluated by HELM; TASK=multi_news or TASK=needle for the long-input tasks; TASK=copa and the other
-# lm-eval tasks for their accuracy table, as `make lab-lm-eval`) and `make test`.
+# evaluated by HELM; TASK=cnn_dm for CNN/DailyMail, TASK=multi_news or TASK=needle for the
+# long-input tasks; TASK=copa and the other lm-eval tasks for their accuracy table, as
+# `make lab-lm-eval`) and `make test`.
 # Both create .venv when missing and work offline after.
 # The first Python from 3.11 up among python3.11, python3, python3.12, python3.13 (PYTHON_SYSTEM=...
 # overrides).
@@ -23,7 +24,7 @@ PORT ?= 8000
 
 help:
 	@echo "make venv       create .venv: pinned CPU torch, Triton, transformers, crfm-helm, h2o and lab_helm (editable)"
-	@echo "make lab        full / h2o / local on LAB_N=$(LAB_N) $(TASK) requests with SmolLM2, scored by HELM (TASK=multi_news|needle; TASK=copa...: lab-lm-eval)"
+	@echo "make lab        full / h2o / local on LAB_N=$(LAB_N) $(TASK) requests with SmolLM2, scored by HELM (TASK=cnn_dm|multi_news|needle; TASK=copa...: lab-lm-eval)"
 	@echo "make lab-lm-eval  full / h2o / local on LAB_N documents of an lm-eval TASK (copa, openbookqa, piqa, winogrande, rte, mathqa), 5-shot: accuracy table"
 	@echo "make test       the test suite (pytest tests)"
 	@echo "make serve      helm-server on http://127.0.0.1:$(PORT) over SUITE=$(SUITE) (make lab's results)"

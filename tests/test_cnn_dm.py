@@ -8,6 +8,9 @@ import json
 import pickle
 import subprocess
 
+import pytest
+
+import helm_support
 from lab_helm import evaluate, scenario_data
 from lab_helm.tasks import get_task
 
@@ -61,3 +64,27 @@ def test_an_unknown_task_of_the_helm_scripts_names_cnn_dm_among_the_known_ones()
     assert run.returncode == 2 and "cnn_dn" in run.stderr
     run = subprocess.run(["bash", "helm/our_run.sh", "x.jsonl", "cnn_dn"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and "cnn_dm" in run.stderr.strip().splitlines()[-1]
+
+
+METRICS = ("rouge_1", "rouge_2", "rouge_l", "summarization_coverage", "summarization_density",
+           "summarization_compression")
+
+
+@pytest.mark.skipif(helm_support.net_cut() is None, reason="cannot cut the network (unshare -n)")
+def test_our_run_scores_cnn_dm_as_helm_does_with_the_network_cut(tmp_path):
+    n = 3
+    articles = get_task("cnn_dm").load()[:n]
+    predictions = [helm_support.lead(a["article"], 40) for a in articles]
+    results_file = helm_support.write_results(
+        tmp_path / "cnn_dm-llama-lead.jsonl",
+        [(r, helm_support.fake_result(p)) for r, p in zip(helm_support.requests(n, "cnn_dm"), predictions)])
+    out = tmp_path / "benchmark_output"
+    done = helm_support.our_run(str(results_file), "cnn_dm", output_path=out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for metric in METRICS:
+        helm_support.stat_mean(out, "cnn_dm-llama-lead", metric)
+    # HELM's scenario cleans the references as the articles: newlines to spaces, whitespace collapsed.
+    references = [" ".join(a["highlights"].replace("\n", " ").split()) for a in articles]
+    for metric, rouge_type in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL")):
+        expected = helm_support.expected_rouge(predictions, references, rouge_type)
+        assert helm_support.stat_mean(out, "cnn_dm-llama-lead", metric) == pytest.approx(expected, abs=1e-12), metric
