@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate run_helm.py results with HELM, offline, into benchmark_output/runs/<output_name>/ (see
 # README.md in this folder): XSUM's and CNN/DailyMail's (cnn_dm) ROUGE-1/2/L, coverage, density and
-# compression; MultiNews's
-# ROUGE-1/2/L (multi_news); the needle's recall (needle).
+# compression; MultiNews's ROUGE-1/2/L (multi_news); the needle's recall (needle).
 #
 #   cd helm && ./our_run.sh [jsonl] [task] [model_arch] [output_name] [max_eval_instances]
 #   cd helm && jsonl=../xsum-llama-h2o.jsonl output_name=xsum-llama-h2o ./our_run.sh

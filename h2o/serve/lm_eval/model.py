@@ -79,6 +79,9 @@ class LabModelArgs:
             policy = make_policy(self.policy, float(self.heavy_ratio), float(self.recent_ratio), **options)
         except ValueError as error:
             raise BadInput(f"--model_args: {error}") from None
+        if self.kv_mode == "mask" and not policy.uses_base_selection():
+            raise BadInput(f"--model_args policy: {self.policy!r} selects tokens its own way, which has no "
+                           "whole-text mask; use kv_mode=drop")
         return Eviction(policy, self.kv_mode, self.attention)
 
 
