@@ -223,3 +223,13 @@ def test_the_vendored_task_files_are_the_documented_ones():
     assert len(files) == 11
     for path in files:
         assert hashlib.sha256(path.read_bytes()).hexdigest() in readme, path
+
+
+def test_a_policy_without_a_whole_text_mask_is_refused_in_mask_mode_only():
+    from h2o.serve.lm_eval.model import LabModelArgs
+
+    with pytest.raises(BadInput, match="'adakv' selects tokens its own way"):
+        LabModelArgs.parse({"policy": "adakv"}).eviction()
+    assert LabModelArgs.parse({"policy": "adakv", "kv_mode": "drop"}).eviction().mode == "drop"
+    with pytest.raises(BadInput, match="unknown argument 'heavy'"):
+        LabModelArgs.parse({"heavy": 0.1})

@@ -89,7 +89,9 @@ def _visible(policy: Policy, observed: Observation, mask: WholeTextMask, layer: 
     return (chosen[:, :, None, :] | band) & ~_hidden(slots, active, mask.positions)
 
 
-def whole_text_mask_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def whole_text_mask_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                              **kwargs: object) -> tuple[torch.Tensor, None]:
     """Attention of one layer over a whole text under the paper's lm-eval heavy-hitter mask."""
     mask = kwargs.get("whole_text_mask")
     if not isinstance(mask, WholeTextMask):

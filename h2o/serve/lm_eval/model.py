@@ -51,7 +51,7 @@ class LabModelArgs:
 
     @classmethod
     def parse(cls, given: dict[str, object]) -> LabModelArgs:
-        names = {f.name: f.type for f in fields(cls)}
+        names = [f.name for f in fields(cls)]
         for key in given:
             if key not in names:
                 raise BadInput(f"--model_args: unknown argument {key!r}; known: {', '.join(names)}")

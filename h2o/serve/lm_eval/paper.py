@@ -17,10 +17,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from h2o.serve.lm_eval.cli import offline
 from h2o.serve.lm_eval.paper_io import key, read_requests, read_results, request_line, write_lines
 from h2o.serve.lm_eval.tasks import BadInput, check_names, stage
+
+if TYPE_CHECKING:  # the model module imports lm-eval and torch: only where a step needs them
+    from h2o.serve.lm_eval.model import LabLM
 
 
 def _evaluate(model: object, task: str, num_fewshot: int, limit: int | None = None) -> dict:
@@ -43,16 +47,16 @@ def generate_task_data(output_file: str, task: str, num_fewshot: int, limit: int
     lines: dict[str, dict] = {}
 
     class Recorder(LM):
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             for context, continuation in (r.args for r in requests):
                 line = request_line(context, continuation)
                 lines.setdefault(key(line), line)
             return [(0.0, False)] * len(requests)
 
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
             raise BadInput(f"--task-name {task}: asks for perplexity, which the paper's steps do not score")
 
-        def generate_until(self, requests, disable_tqdm: bool = False):
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
             raise BadInput(f"--task-name {task}: a generation task; these steps score loglikelihoods")
 
     _evaluate(Recorder(), task, num_fewshot, limit)
@@ -60,7 +64,7 @@ def generate_task_data(output_file: str, task: str, num_fewshot: int, limit: int
     return len(lines)
 
 
-def run_requests(input_path: str, output_path: str, lm) -> int:
+def run_requests(input_path: str, output_path: str, lm: LabLM) -> int:
     """Step 2: every request of `input_path` scored by `lm` (a `LabLM`), results written at once.
     The full cache and mask mode score every token after the first, in one forward (the paper's
     output); drop mode prefills the context and scores the continuation."""
@@ -93,7 +97,7 @@ def evaluate_results(result_file: str, task: str, num_fewshot: int, loglikelihoo
     results = read_results(result_file)
 
     class Lookup(LM):
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             answers = []
             for context, continuation in (r.args for r in requests):
                 found = results.get(key(request_line(context, continuation)))
@@ -109,10 +113,10 @@ def evaluate_results(result_file: str, task: str, num_fewshot: int, loglikelihoo
                 answers.append((sum(values) / n if loglikelihood == "mean" else sum(values), greedy))
             return answers
 
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
             raise BadInput(f"--task-name {task}: asks for perplexity, which the paper's steps do not score")
 
-        def generate_until(self, requests, disable_tqdm: bool = False):
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
             raise BadInput(f"--task-name {task}: a generation task; these steps score loglikelihoods")
 
     return _evaluate(Lookup(), task, num_fewshot, limit)
@@ -132,6 +136,7 @@ def _command(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse
 
 
 def _limit(parser: argparse.ArgumentParser) -> None:
+    """`--limit`, the same in steps 1 and 3."""
     parser.add_argument("--limit", type=int, default=None, help="the first N documents of the task only")
 
 
