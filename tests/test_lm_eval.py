@@ -233,3 +233,10 @@ def test_a_policy_without_a_whole_text_mask_is_refused_in_mask_mode_only():
     assert LabModelArgs.parse({"policy": "adakv", "kv_mode": "drop"}).eviction().mode == "drop"
     with pytest.raises(BadInput, match="unknown argument 'heavy'"):
         LabModelArgs.parse({"heavy": 0.1})
+
+
+def test_the_papers_scripts_refuse_an_unknown_task_in_one_line():
+    run = subprocess.run(["bash", "scripts/lm_eval/h2o.sh", "hellaswag"], cwd=ROOT, env=child_env(),
+                         capture_output=True, text=True)
+    _one_line_error(run, "generate_task_data.py", "--task-name", "'hellaswag'")
+    assert not (ROOT / "hellaswag-5.jsonl").exists()
