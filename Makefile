@@ -1,5 +1,7 @@
 # Quick start: `make lab` (set-up, then full / h2o / local on XSUM with the embedded SmolLM2,
-# evaluated by HELM; TASK=multi_news or TASK=needle for the long-input tasks) and `make test`.
+# evaluated by HELM; TASK=cnn_dm for CNN/DailyMail, TASK=multi_news or TASK=needle for the
+# long-input tasks; TASK=copa and the other lm-eval tasks for their accuracy table, as
+# `make lab-lm-eval`) and `make test`.
 # Both create .venv when missing and work offline after.
 # The first Python from 3.11 up among python3.11, python3, python3.12, python3.13 (PYTHON_SYSTEM=...
 # overrides).
@@ -18,11 +20,12 @@ LAB_BATCH ?= 4
 SUITE ?= $(if $(filter xsum,$(TASK)),lab-$(LAB_N),lab-$(TASK)-$(LAB_N))
 PORT ?= 8000
 
-.PHONY: help venv lab test serve clean-lab
+.PHONY: help venv lab lab-lm-eval test serve clean-lab
 
 help:
 	@echo "make venv       create .venv: pinned CPU torch, Triton, transformers, crfm-helm, h2o and lab_helm (editable)"
-	@echo "make lab        full / h2o / local on LAB_N=$(LAB_N) $(TASK) requests with SmolLM2, scored by HELM (TASK=multi_news|needle)"
+	@echo "make lab        full / h2o / local on LAB_N=$(LAB_N) $(TASK) requests with SmolLM2, scored by HELM (TASK=cnn_dm|multi_news|needle; TASK=copa...: lab-lm-eval)"
+	@echo "make lab-lm-eval  full / h2o / local on LAB_N documents of an lm-eval TASK (copa, openbookqa, piqa, winogrande, rte, mathqa), 5-shot: accuracy table"
 	@echo "make test       the test suite (pytest tests)"
 	@echo "make serve      helm-server on http://127.0.0.1:$(PORT) over SUITE=$(SUITE) (make lab's results)"
 	@echo "make clean-lab  remove make lab's results (out/lab, its HELM suites)"
@@ -43,6 +46,9 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml helm/setup_off
 
 lab: venv
 	LAB_TASK=$(TASK) LAB_N=$(LAB_N) LAB_BATCH=$(LAB_BATCH) bash scripts/lab.sh
+
+lab-lm-eval: venv
+	$(PY) -m h2o.lab.lm_eval_lab --task $(if $(filter xsum,$(TASK)),copa,$(TASK)) --limit $(LAB_N) --batch_size $(LAB_BATCH)
 
 test: venv
 	$(PY) -m pytest tests -q

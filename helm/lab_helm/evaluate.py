@@ -54,10 +54,15 @@ class UsageError(Exception):
 def write_eval_cache(suite_dir: Path, task: Task) -> None:
     cache = suite_dir / "eval_cache"
     cache.mkdir(parents=True, exist_ok=True)
+    # HELM's own rule for the ratings' file: cnndm_<k>shots.csv for a CNN/DailyMail run, else xsum's.
+    dataset = "cnndm" if "cnndm" in task.run_entry else "xsum"
     for shots in (0, 5):
-        (cache / f"{task.name}_{shots}shots.csv").write_text(",".join(HUMAN_EVAL_COLUMNS) + "\n")
-    with open(cache / "qafacteval.pk", "wb") as f:
-        pickle.dump({task.run_entry: {}}, f)
+        (cache / f"{dataset}_{shots}shots.csv").write_text(",".join(HUMAN_EVAL_COLUMNS) + "\n")
+    # One suite may hold XSUM and CNN/DailyMail runs: each task keeps its key.
+    scores_path = cache / "qafacteval.pk"
+    scores = pickle.loads(scores_path.read_bytes()) if scores_path.is_file() else {}
+    with open(scores_path, "wb") as f:
+        pickle.dump({**scores, task.run_entry: {}}, f)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -10,7 +10,7 @@ from typing import Callable
 from lab_helm import needle
 from lab_helm.paths import DATA, PROD_ENV
 
-# HELM settings of the XSUM run entry, shared by the export and the evaluation. `device=cpu`
+# HELM settings of the XSUM and CNN/DailyMail run entries, shared by the export and the evaluation. `device=cpu`
 # turns off BERTScore and SummaC (both download models); `max_train_instances=0` makes the prompts
 # zero-shot.
 XSUM_ENTRY_ARGS = "temperature=0.3,device=cpu,max_train_instances=0"
@@ -45,6 +45,10 @@ def _xsum() -> list[dict]:
     return _jsonl(DATA / "xsum" / "xsum_test_500.jsonl")
 
 
+def _cnn_dm() -> list[dict]:
+    return _jsonl(DATA / "cnn_dm" / "cnn_dm_test_1000.jsonl")
+
+
 def _multi_news() -> list[dict]:
     return [{"id": r["_id"], "context": r["context"], "summary": r["answers"][0]}
             for r in _jsonl(DATA / "longbench" / "multi_news.jsonl")]
@@ -60,6 +64,19 @@ TASKS = {
         pickle_name="xsum.pk",
         load=_xsum,
         requests=DATA / "xsum.jsonl",
+        metrics=ROUGE + ("summarization_coverage", "summarization_density", "summarization_compression"),
+        scores=ROUGE,
+        main="rouge_2",
+        summarization_eval_cache=True,
+    ),
+    "cnn_dm": Task(
+        name="cnn_dm",
+        run_entry="summarization_cnndm",
+        entry_args=XSUM_ENTRY_ARGS,
+        scenario_name="summarization",
+        pickle_name="cnndm.pk",
+        load=_cnn_dm,
+        requests=DATA / "cnn_dm.jsonl",
         metrics=ROUGE + ("summarization_coverage", "summarization_density", "summarization_compression"),
         scores=ROUGE,
         main="rouge_2",

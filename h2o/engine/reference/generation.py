@@ -37,10 +37,11 @@ class Eviction:
 
 class Decoder:
     """Forward passes for one batch and its KV cache: `prefill()` once, then `step(tokens)` for
-    one token per sequence. Prompts are left-padded; positions count real tokens only."""
+    one token per sequence. Prompts are left-padded; positions count real tokens only. Budgets
+    follow each prompt's length, or `budget_lengths` where the whole text is known beforehand."""
 
     def __init__(self, model: PreTrainedModel, prompts: list[list[int]], eviction: Eviction | None,
-                 pad_id: int = 0) -> None:
+                 pad_id: int = 0, budget_lengths: list[int] | None = None) -> None:
         self.model, self.eviction = model, eviction
         device = model.device
         self.ids, self.valid, self.prompt_positions = left_pad(prompts, pad_id, device)
@@ -53,7 +54,8 @@ class Decoder:
             self.mask = self.valid.long()
         else:
             self.cache = EvictingCache(
-                eviction.policy, eviction.mode, config.num_hidden_layers, [len(p) for p in prompts], device
+                eviction.policy, eviction.mode, config.num_hidden_layers,
+                budget_lengths if budget_lengths is not None else [len(p) for p in prompts], device
             )
             self.attention = ATTENTION_IMPLEMENTATIONS[eviction.attention]
             self.extra = {"eviction_cache": self.cache}
