@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import save_tiny_model
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Each README command (its comment cut) -> where it runs: (file, text that file holds where it
@@ -35,14 +37,20 @@ WHERE = {
     "bash scripts/helm/local.sh xsum huggyllama/llama-7b llama": ("scripts/lab.sh", "scripts/helm/${mode}.sh"),
     "cd helm && ./our_run.sh": ("tests/helm_support.py", '"our_run.sh"'),
     ". ../.venv/bin/activate && helm-server": ("tests/test_readme_commands.py", ". ../.venv/bin/activate && helm-server"),
+    "python -m h2o.serve.lm_eval --model h2o-lab --model_args "
+    "pretrained=smollm2,policy=h2o,heavy_ratio=0.1,recent_ratio=0.1 "
+    "--tasks copa,openbookqa,piqa,winogrande,rte,mathqa --num_fewshot 5 --batch_size 4":
+        ("tests/test_lm_eval.py", '"-m", "h2o.serve.lm_eval", "--model", "h2o-lab"'),
+    "bash scripts/lm_eval/h2o.sh copa smollm2 llama": ("tests/test_readme_commands.py", '"scripts/lm_eval/h2o.sh"'),
 }
 
 
 def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
-    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if line]
+    text = "\n".join(blocks).replace("\\\n", " ")  # a command continued over lines is one
+    lines = [re.sub(r"\s+#\s.*$", "", line) for line in text.splitlines() if not line.lstrip().startswith("#")]
+    return [" ".join(line.split()) for line in lines if line.strip()]
 
 
 def test_every_readme_command_is_run_somewhere():
@@ -123,3 +131,20 @@ def test_helm_server_answers_as_the_readme_starts_it(lab, command):
         output = proc.communicate(timeout=30)[0]
     if command == "make":
         assert "listening on 127.0.0.1 only" in output
+
+
+def test_the_papers_lm_eval_script_runs_its_three_steps(tmp_path):
+    """`bash scripts/lm_eval/h2o.sh TASK MODEL ARCH` on a tiny model and three documents, in a
+    copy of the repository (the script writes its files at the root)."""
+    for folder in ("scripts", "data"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    for name in ("generate_task_data.py", "run_lm_eval_harness.py", "evaluate_task_result.py"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    model = save_tiny_model(tmp_path / "tiny")
+    env = dict(os.environ, LIMIT="3", SHOTS="1", PYTHON=str(ROOT / ".venv" / "bin" / "python"))
+    done = subprocess.run(["bash", "scripts/lm_eval/h2o.sh", "copa", str(model), "llama"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "copa-1.jsonl").read_text().count("\n") == 6  # 3 documents x 2 choices
+    assert (tmp_path / "copa-1-llama-h2o.jsonl").read_text().count("\n") == 6
+    assert "acc" in (tmp_path / "copa-1-llama-h2o.json").read_text()
