@@ -296,6 +296,41 @@ def test_expected_attention_without_rope_takes_the_queries_as_they_are():
     torch.testing.assert_close(cov[0], centered.transpose(1, 2) @ centered / 5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_the_query_statistics_undo_each_rows_rope_and_average_the_coming_ones(family):
+    """Against the family's own RoPE: queries rotated by transformers give back the statistics of
+    the queries before it, turned by the mean rotation of the coming positions (GPT-NeoX rotates
+    only its first dimensions)."""
+    import importlib
+
+    from conftest import tiny_llama
+    from h2o.engine.reference.attention import _query_statistics
+    from tiny_families import tiny_gpt_neox
+
+    model = tiny_llama(kv_heads=2) if family == "llama" else tiny_gpt_neox()
+    inner = model.model if family == "llama" else model.gpt_neox
+    attention = inner.layers[0].self_attn if family == "llama" else inner.layers[0].attention
+    rope = importlib.import_module(f"transformers.models.{family}.modeling_{family}").apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(8)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    before = torch.randn(1, 4, 9, d, generator=g)
+    positions = torch.arange(9)[None]
+    cos, sin = inner.rotary_emb(before, positions)
+    after = rope(before, before, cos, sin)[0]
+    mean, cov = _query_statistics(attention, after, positions, torch.ones(1, 9, dtype=torch.bool), 2, 16)
+    rows = before[0, :, 2:]
+    centered = rows - rows.mean(1, keepdim=True)
+    cos, sin = inner.rotary_emb(before, torch.arange(9, 25)[None])
+    rot = cos.shape[-1]
+    turn = torch.stack([rotate_half(e) for e in torch.eye(rot)], 1)
+    rotation = torch.eye(d)
+    rotation[:rot, :rot] = torch.stack([torch.diag(c) + torch.diag(s) @ turn for c, s in zip(cos[0], sin[0])]).mean(0)
+    assert (rot < d) == (family == "gpt_neox")
+    torch.testing.assert_close(mean[0], rows.mean(1) @ rotation.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cov[0], rotation @ (centered.transpose(1, 2) @ centered / 7) @ rotation.T,
+                               rtol=1e-4, atol=1e-5)
+
+
 # --- knobs --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, value, message", [
