@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make lab`: full, h2o and local on the first LAB_N requests of LAB_TASK (xsum, multi_news or
-# needle; default xsum) with the embedded SmolLM2-135M-Instruct, evaluated by HELM offline as one
+# `make lab`: full, h2o and local on the first LAB_N requests of LAB_TASK (xsum, multi_news, needle or
+# needle_essay; default xsum) with the embedded SmolLM2-135M-Instruct, evaluated by HELM offline as one
 # suite (a model per mode, side by side in helm-server's leaderboard), then one table. Reruns reuse
 # what is done.
 set -euo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 task=${LAB_TASK:-xsum}
 n=${LAB_N:-20}
 batch=${LAB_BATCH:-4}
-[[ -f data/${task}.jsonl ]] || { echo "lab.sh: LAB_TASK=${task}: no data/${task}.jsonl (xsum, multi_news, needle)" >&2; exit 2; }
+[[ -f data/${task}.jsonl ]] || { echo "lab.sh: LAB_TASK=${task}: no data/${task}.jsonl (xsum, multi_news, needle, needle_essay)" >&2; exit 2; }
 mkdir -p out/lab
 points=()
 for mode in full h2o local; do
