@@ -1,4 +1,4 @@
-"""a2sf, keydiff, h2o-vnorm and expected-attention: each against its published rule restated as a
+"""a2sf, keydiff, h2o-vnorm, expected-attention and h2o-keydiff: each against its published rule restated as a
 plain oracle (on hand-made inputs, then on the prompt's eviction against transformers' own
 attention, keys, values and queries); drop, mask, batch and alone, and the fast engine alike;
 budgets held exactly; their knobs through run_helm.py and the sweep."""
@@ -20,7 +20,7 @@ from h2o.policies.tova import TOVA
 from h2o.serve.cli import main
 from test_fast_policies_and_slicing import _fast, _reference
 
-NEW = ("a2sf", "keydiff", "h2o-vnorm", "expected-attention")
+NEW = ("a2sf", "keydiff", "h2o-vnorm", "expected-attention", "h2o-keydiff")
 
 
 def _kept(policy, scores, n_tokens, budget):
@@ -129,6 +129,20 @@ def test_the_value_norm_wrapper_weights_any_attention_scorer():
     torch.testing.assert_close(tova.accumulate(old, observed), newest * l1)
     assert h2o.budget(100) == make_policy("h2o", 0.2, 0.2).budget(100) and h2o.parks_leaving_token
     assert h2o.uses_base_selection() and tova.uses_base_selection()
+
+
+def test_h2o_keydiff_weights_each_passes_attention_by_the_keys_distance_from_the_mean():
+    g = torch.Generator().manual_seed(9)
+    policy = make_policy("h2o-keydiff", 0.2, 0.2)
+    seen = torch.ones(1, 1, 6)
+    scores = torch.zeros(1, 1, 6)
+    expected = torch.zeros(6)
+    for _ in range(3):  # the anchor moves with the keys, pass by pass
+        keys, received = torch.randn(1, 1, 6, 4, generator=g), torch.rand(1, 1, 6, generator=g)
+        scores = policy.accumulate(scores, Observation(received=received, newest=received, seen=seen, keys=keys))
+        expected += received[0, 0] * (1 + keydiff_oracle(keys[0, 0]))
+    torch.testing.assert_close(scores[0, 0], expected)
+    assert policy.parks_leaving_token and policy.budget(50) == make_policy("h2o", 0.2, 0.2).budget(50)
 
 
 # --- expected attention -----------------------------------------------------------------------
@@ -243,6 +257,8 @@ def test_the_prompts_eviction_is_the_papers_rule_on_transformers_tensors(gqa, na
             scores = mass.sum(1) * values.abs().sum(-1)
         elif name == "keydiff":
             scores = torch.stack([keydiff_oracle(k) for k in keys])
+        elif name == "h2o-keydiff":
+            scores = mass.sum(1) * (1 + torch.stack([keydiff_oracle(k) for k in keys]))
         else:
             scores = expected_attention_oracle(queries.float(), keys, values, cos[0].float(), sin[0].float(),
                                                policy.epsilon)

@@ -14,11 +14,11 @@ from h2o.policies.pyramidkv import PyramidKV
 from h2o.policies.sink import Sink
 from h2o.policies.snapkv import SnapKV
 from h2o.policies.tova import TOVA
-from h2o.policies.vnorm import H2OValueNorm, ValueNormed
+from h2o.policies.weighted import AttentionWeighted, H2OKeyNovel, H2OValueNorm, KeyNovel, ValueNormed
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (
-    A2SF, AdaKV, ExpectedAttention, H2O, H2OAverage, H2OShrink, H2OSink, H2OValueNorm, KeyDiff, KNorm, PyramidKV,
-    Sink, SnapKV, TOVA)}
+    A2SF, AdaKV, ExpectedAttention, H2O, H2OAverage, H2OKeyNovel, H2OShrink, H2OSink, H2OValueNorm, KeyDiff, KNorm,
+    PyramidKV, Sink, SnapKV, TOVA)}
 
 
 def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: object) -> Policy:
@@ -28,4 +28,5 @@ def make_policy(name: str, heavy_ratio: float, recent_ratio: float, **options: o
     return POLICIES[name](heavy_ratio, recent_ratio, **options)
 
 
-__all__ = ["Budget", "Observation", "POLICIES", "Policy", "Selection", "ValueNormed", "WithSinks", "make_policy"]
+__all__ = ["AttentionWeighted", "Budget", "KeyNovel", "Observation", "POLICIES", "Policy", "Selection", "ValueNormed",
+           "WithSinks", "make_policy"]

@@ -6,6 +6,15 @@ import torch.nn.functional as F
 from h2o.policies.base import Observation, Policy, later_wins_ties
 
 
+def key_similarity(observed: Observation) -> torch.Tensor:
+    """(B, H, S): each slot's key's cosine similarity to the anchor, the mean of the unit keys of
+    the slots this pass's queries could see (only those: drop and mask mode alike)."""
+    seen = observed.seen > 0
+    units = F.normalize(observed.keys, dim=-1) * seen[..., None]
+    anchor = units.sum(2, keepdim=True) / seen.sum(-1, keepdim=True).clamp(min=1)[..., None]
+    return F.cosine_similarity(observed.keys, anchor, dim=-1)
+
+
 class KeyDiff(Policy):
     """Heavy hitters by how far a key points from the others: the anchor is the mean of the
     attended slots' unit keys (per sequence and KV head), and a key of lower cosine similarity to
@@ -19,11 +28,7 @@ class KeyDiff(Policy):
     reads_keys = True
 
     def accumulate(self, scores: torch.Tensor, observed: Observation) -> torch.Tensor:
-        seen = observed.seen > 0
-        units = F.normalize(observed.keys, dim=-1) * seen[..., None]
-        anchor = units.sum(2, keepdim=True) / seen.sum(-1, keepdim=True).clamp(min=1)[..., None]
-        similarity = F.cosine_similarity(observed.keys, anchor, dim=-1)
-        return torch.where(seen, 2.0 - similarity, 0.0)
+        return torch.where(observed.seen > 0, 2.0 - key_similarity(observed), 0.0)
 
     def rank(self, scores: torch.Tensor, views: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # A token repeated in the first layer has one key up to RoPE: near ties go to the later one.
