@@ -362,6 +362,17 @@ def test_a_bad_knob_is_one_line_and_exit_2_before_any_weights_load(tmp_path, cap
     assert capsys.readouterr().err.strip() == f"run_helm.py: error: {message}"
 
 
+def test_the_knob_flags_reach_their_policies(tmp_path):
+    from h2o.serve.options import ServeOptions
+
+    base = ["--output_path", str(tmp_path / "x.jsonl"), "--enable_small_cache"]
+    a2sf = ServeOptions.from_argv(base + ["--policy", "a2sf", "--forgetting_factor", "0.5"]).build_policy()
+    assert a2sf.forgetting_factor == 0.5
+    expected = ServeOptions.from_argv(base + ["--policy", "expected-attention", "--epsilon", "0"]).build_policy()
+    assert expected.epsilon == 0.0
+    assert ServeOptions.from_argv(base + ["--policy", "a2sf"]).build_policy().forgetting_factor == 0.1
+
+
 def test_a_knob_for_another_policy_is_refused(tmp_path, capsys):
     argv = ["--output_path", str(tmp_path / "x.jsonl"), "--enable_small_cache", "--policy", "h2o",
             "--forgetting_factor", "0.5"]
