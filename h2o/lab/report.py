@@ -87,7 +87,8 @@ def _best_lines(points: list[dict], values, higher_is_better: bool, label: str) 
         ranked = sorted(here, key=lambda p: paired.mean_ci(values(p))[0], reverse=higher_is_better)
         best = ranked[0]
         h2o = next((p for p in here if p["policy"] == "h2o"), None)
-        line = f"- {budget:.0%}: **{best['policy']}** ({label} {paired.mean_ci(values(best))[0]:.4f}, n={len(values(best))})"
+        mean = paired.mean_ci(values(best))[0]
+        line = f"- {budget:.0%}: **{best['policy']}** ({label} {mean:.4f}, n={len(values(best))})"
         # Against H2O; when H2O is the best, against the runner-up.
         other = h2o if best is not h2o else (ranked[1] if len(ranked) > 1 else None)
         if other is not None:
