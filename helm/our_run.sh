@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate run_helm.py results with HELM, offline, into benchmark_output/runs/<output_name>/ (see
 # README.md in this folder): XSUM's and CNN/DailyMail's (cnn_dm) ROUGE-1/2/L, coverage, density and
-# compression; MultiNews's ROUGE-1/2/L (multi_news); the needle's recall (needle).
+# compression; MultiNews's ROUGE-1/2/L (multi_news); the needle's recall (needle, needle_essay).
 #
 #   cd helm && ./our_run.sh [jsonl] [task] [model_arch] [output_name] [max_eval_instances]
 #   cd helm && jsonl=../xsum-llama-h2o.jsonl output_name=xsum-llama-h2o ./our_run.sh
@@ -12,7 +12,7 @@
 #   jsonl               results of run_helm.py        default ../<task>-<model_arch>-full.jsonl
 #                       or points NAME=FILE[,NAME=FILE...]: each file is the model
 #                       h2o-lab/<model_arch>-NAME of the suite, which keeps its other points
-#   task                xsum, cnn_dm, multi_news or needle: requests in ../data/<task>.jsonl  default xsum
+#   task                xsum, cnn_dm, multi_news, needle or needle_essay: requests in ../data/<task>.jsonl  default xsum
 #   model_arch          deployment h2o-lab/<model_arch>   default llama
 #   output_name         HELM suite, folder under benchmark_output/runs/
 #                                                       default: jsonl's file name less .jsonl

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make lab`: full, h2o and local on the first LAB_N requests of LAB_TASK (xsum, cnn_dm, multi_news
-# or needle; default xsum) with the embedded SmolLM2-135M-Instruct, evaluated by HELM offline as one
+# `make lab`: full, h2o and local on the first LAB_N requests of LAB_TASK (xsum, cnn_dm, multi_news,
+# needle or needle_essay; default xsum) with the embedded SmolLM2-135M-Instruct, evaluated by HELM offline as one
 # suite (a model per mode, side by side in helm-server's leaderboard), then one table. Reruns reuse
 # what is done.
 set -euo pipefail
@@ -14,7 +14,7 @@ PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyth
 if [[ -f h2o/serve/lm_eval/tasks/${task}.yaml ]]; then
     exec "${PYTHON}" -m h2o.lab.lm_eval_lab --task "${task}" --limit "${n}" --batch_size "${batch}"
 fi
-[[ -f data/${task}.jsonl ]] || { echo "lab.sh: LAB_TASK=${task}: no data/${task}.jsonl (xsum, cnn_dm, multi_news, needle) and no lm-eval task of that name (copa, openbookqa, piqa, winogrande, rte, mathqa)" >&2; exit 2; }
+[[ -f data/${task}.jsonl ]] || { echo "lab.sh: LAB_TASK=${task}: no data/${task}.jsonl (xsum, cnn_dm, multi_news, needle, needle_essay) and no lm-eval task of that name (copa, openbookqa, piqa, winogrande, rte, mathqa)" >&2; exit 2; }
 mkdir -p out/lab
 points=()
 for mode in full h2o local; do

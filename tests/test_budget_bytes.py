@@ -9,7 +9,8 @@ from conftest import random_prompts
 from h2o.engine.reference.generation import Decoder, Eviction
 from h2o.lab.points import BUDGETS, Point
 
-SAME_SPLIT = ("h2o", "h2o-avg", "h2o-sink", "h2o-shrink", "knorm", "snapkv", "pyramidkv", "adakv")
+SAME_SPLIT = ("h2o", "h2o-avg", "h2o-sink", "h2o-shrink", "knorm", "snapkv", "pyramidkv", "adakv", "a2sf", "keydiff",
+              "h2o-vnorm", "expected-attention", "h2o-keydiff")
 
 
 # Tokens per KV head in one layer at each budget, for prompts of 37, 250, 519 and 1000 tokens:

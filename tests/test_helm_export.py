@@ -11,7 +11,7 @@ import helm_support
 from lab_helm.tasks import get_task
 
 
-@pytest.mark.parametrize("task", ["xsum", "cnn_dm", "multi_news", "needle"])
+@pytest.mark.parametrize("task", ["xsum", "cnn_dm", "multi_news", "needle", "needle_essay"])
 def test_export_equals_committed_requests(tmp_path, task):
     out = tmp_path / f"{task}.jsonl"
     cut = list(helm_support.net_cut() or ())

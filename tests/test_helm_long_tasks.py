@@ -107,6 +107,54 @@ def test_needle_requests_hide_one_needle_at_its_depth():
         assert prompt == needle.text(example, sentences)
 
 
+def _essay_sentences_in(prompt: str, example: dict) -> int:
+    """How many prose sentences `prompt` holds: the one count whose text it is (longer with each)."""
+    low, high = 0, len(needle.essay_sentences())
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if len(needle.essay_text(example, middle)) < len(prompt) else (low, middle)
+    assert needle.essay_text(example, low) == prompt
+    return low
+
+
+def test_essay_needles_are_the_needles_in_prose():
+    plain, essay = needle.examples(), needle.essay_examples()
+    assert [{**e, "id": None} for e in essay] == [{**e, "id": None} for e in plain]
+    assert essay[0]["id"] == "needle_essay-1024-000-0" and len({e["id"] for e in essay}) == 100
+    sentences = needle.essay_sentences()
+    # The XSUM articles, in file order, cut after each sentence's end.
+    first = get_task("xsum").load()[0]["document"]
+    assert " ".join(first.split()).startswith(" ".join(sentences[:3]))
+    assert len(sentences) > 10_000 and all(s == s.strip() and s for s in sentences)
+
+
+def test_essay_prompt_is_the_longest_prose_that_fits():
+    example = {"id": "t", "length": 2048, "depth": 25, "key": "calm-river", "value": "1234567"}
+    budget = 2048 - needle.MAX_TOKENS - CHAT_ROOM
+    prompt = needle.essay_prompt(example, Chars())
+    sentences = _essay_sentences_in(prompt, example)
+    assert len(prompt) <= budget < len(needle.essay_text(example, sentences + 1))
+    before = prompt.split(needle.NEEDLE.format(**example))[0]
+    assert sum(before.count(s) > 0 for s in needle.essay_sentences()[:sentences]) == round(sentences / 4)
+    assert prompt.startswith(needle.TEMPLATE.split("{context}")[0])
+
+
+def test_essay_requests_hide_one_needle_in_the_longest_prose_that_fits():
+    from h2o import models
+    from h2o.serve.prompts import encode
+
+    tokenizer, _ = models.load_tokenizer()
+    for request, example in zip(requests(task="needle_essay"), needle.essay_examples(), strict=True):
+        assert request["max_tokens"] == needle.MAX_TOKENS and request["temperature"] == 0.0
+        prompt = request["prompt"]
+        assert prompt.count("special magic numbers for") == 1 and prompt.count(example["value"]) == 1
+        sentences = _essay_sentences_in(prompt, example)
+        longer = needle.essay_text(example, sentences + 1)
+        budget = needle.prompt_budget(example["length"], needle.MAX_TOKENS)
+        assert len(tokenizer.encode(longer, add_special_tokens=False)) > budget, example["id"]
+        assert len(encode(tokenizer, prompt, "auto")[0]) + request["max_tokens"] <= example["length"]
+
+
 def test_requests_fit_smollm2_as_run_helm_reads_them():
     """Templated as run_helm.py templates them, every multi_news request fits SmolLM2's 8,192
     tokens, and every needle fills its length without passing it."""

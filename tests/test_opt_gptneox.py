@@ -103,7 +103,9 @@ def test_eviction_changes_the_output(family, tokenizer):
 
 
 POLICIES = {"h2o": ("h2o", 0.1, 0.1), "local": ("h2o", 0.0, 0.2), "h2o-avg": ("h2o-avg", 0.1, 0.1),
-            "h2o-sink": ("h2o-sink", 0.1, 0.1), "sink": ("sink", 0.1, 0.1), "tova": ("tova", 0.1, 0.1)}
+            "h2o-sink": ("h2o-sink", 0.1, 0.1), "sink": ("sink", 0.1, 0.1), "tova": ("tova", 0.1, 0.1),
+            "a2sf": ("a2sf", 0.1, 0.1), "keydiff": ("keydiff", 0.1, 0.1), "h2o-vnorm": ("h2o-vnorm", 0.1, 0.1),
+            "expected-attention": ("expected-attention", 0.1, 0.1), "h2o-keydiff": ("h2o-keydiff", 0.1, 0.1)}
 # At least 40 tokens: h2o-sink with a heavy budget below its 4 sinks keeps an arbitrary few of
 # them (tied ranks), which a batch may choose differently (every architecture, LLaMA too).
 LENGTHS = [45, 80, 51]

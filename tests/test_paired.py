@@ -16,13 +16,23 @@ def _point(policy, budget, rouge_2, kl=None, kv=2.0):
     return record
 
 
-def test_the_interval_is_1_96_standard_errors_of_the_mean_difference():
+# Student's t quantiles at 0.975 (tables): 2 and 1 degrees of freedom, and 99.
+T_2, T_1, T_99 = 4.302653, 12.706205, 1.984217
+
+
+def test_the_interval_is_students_t_standard_errors_of_the_mean_difference():
     policy, h2o = [0.03, 0.05, 0.07], [0.02, 0.02, 0.02]  # differences 0.01, 0.03, 0.05
     # Mean 0.03; deviations -0.02, 0, 0.02 give a sample standard deviation of 0.02.
-    assert paired.paired(policy, h2o) == pytest.approx((0.03, 1.96 * 0.02 / math.sqrt(3), 3))
+    assert paired.paired(policy, h2o) == pytest.approx((0.03, T_2 * 0.02 / math.sqrt(3), 3))
     # From the second article: 0.03 and 0.05, mean 0.04, standard deviation 0.01 * sqrt(2).
-    assert paired.paired(policy, h2o, start=1) == pytest.approx((0.04, 0.0196, 2))
+    assert paired.paired(policy, h2o, start=1) == pytest.approx((0.04, T_1 * 0.01, 2))
     assert paired.paired(policy, h2o, start=2) is None and paired.paired([0.1], [0.0]) is None
+    # At 100 articles t is near the normal's 1.96, at 3 more than twice it.
+    hundred = [0.01 * (i % 2) for i in range(100)]
+    sd = math.sqrt(sum((v - 0.005) ** 2 for v in hundred) / 99)
+    assert paired.mean_ci(hundred) == pytest.approx((0.005, T_99 * sd / 10))
+    mean, ci = paired.mean_ci([0.5])
+    assert mean == 0.5 and math.isnan(ci)
 
 
 def test_the_held_out_articles_are_compared_apart(tmp_path):

@@ -5,8 +5,10 @@ A knob (h2o-shrink's `shrink`) is chosen on the first `TUNED_ON` XSUM articles o
 `--n 100`, or less); the held-out columns use the articles after them, which played no part in
 the choice, so a gain there is not the knob fitted to its own test. No knob is chosen on another
 task: there every article is held out, and the table has the one column. Each cell: the policy's
-mean minus H2O's over the same articles, and the 95% interval of that difference (1.96 standard
-errors); in bold where the interval excludes zero.
+mean minus H2O's over the same articles, and the 95% interval of that difference (Student's t with
+n - 1 degrees of freedom: the standard deviation is estimated from the same n articles, which the
+normal approximation's 1.96 ignores, too narrow at small n); in bold where the interval excludes
+zero.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+
+from scipy import stats
 
 TUNED_ON = 100
 TUNED_TASK = "xsum"
@@ -23,16 +27,24 @@ COLUMNS = ("policy", "budget", "kv_mib_budget", "kv_vs_h2o", "score", "score_dif
            "kl_diff_held_out", "kl_ci95_held_out", "kl_n_held_out")
 
 
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """(mean, 95% half-width) of a sample, Student's t with n - 1 degrees of freedom; the
+    half-width is NaN with fewer than two values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+
 def paired(values: list[float], h2o: list[float], start: int = 0) -> tuple[float, float, int] | None:
     """(mean, 95% half-width, n) of values - h2o over the articles from `start`; None with fewer
     than two."""
     diffs = [a - b for a, b in zip(values[start:], h2o[start:])]
-    n = len(diffs)
-    if n < 2:
+    if len(diffs) < 2:
         return None
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    return mean, 1.96 * sd / math.sqrt(n), n
+    return *mean_ci(diffs), len(diffs)
 
 
 def shown(score: str) -> str:

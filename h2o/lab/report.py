@@ -2,7 +2,7 @@
 
 A point holds the task's HELM scores (`scores`, per article too) and names the one the report
 ranks by (`main`): ROUGE-2 for XSUM, ROUGE-L for MultiNews, recall for the needle. Spreads are 95%
-confidence intervals of a mean over articles (1.96 standard errors). A policy "beats" H2O at a
+confidence intervals of a mean over articles (Student's t, `paired.mean_ci`). A policy "beats" H2O at a
 budget only when the interval of the per-article difference excludes zero, so a reader can tell a
 real gain from noise. Needle points also hold each article's (length, depth) cell: the report
 draws recall over that grid for full, h2o and local.
@@ -34,15 +34,6 @@ PLOT_FILES = {"rouge_2": "rouge2", "rouge_l": "rougel", "ruler_string_match_part
 FIXED_COLUMNS = ("kv_mib_budget", "kv_mib_peak", "kv_vs_full", "kl_mean", "agreement", "fidelity_n")
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, 1.96 * sd / math.sqrt(n)
-
-
 def load(folder: Path) -> list[dict]:
     points = [json.loads(p.read_text()) for p in sorted((folder / "points").glob("*.json"))]
     return sorted(points, key=lambda p: (p["budget"], p["policy"]))
@@ -67,7 +58,7 @@ def rows(points: list[dict]) -> list[dict]:
     full = next((p for p in points if p["policy"] == "full"), None)
     table = []
     for p in points:
-        value, ci = _mean_ci(p["per_article"][main])
+        value, ci = paired.mean_ci(p["per_article"][main])
         kl = p.get("kl_per_article")
         agree = p.get("agreement_per_article")
         table.append({
@@ -93,14 +84,15 @@ def _best_lines(points: list[dict], values, higher_is_better: bool, label: str) 
         here = [p for p in points if p["budget"] == budget and p["policy"] != "full" and values(p)]
         if not here:
             continue
-        ranked = sorted(here, key=lambda p: _mean_ci(values(p))[0], reverse=higher_is_better)
+        ranked = sorted(here, key=lambda p: paired.mean_ci(values(p))[0], reverse=higher_is_better)
         best = ranked[0]
         h2o = next((p for p in here if p["policy"] == "h2o"), None)
-        line = f"- {budget:.0%}: **{best['policy']}** ({label} {_mean_ci(values(best))[0]:.4f}, n={len(values(best))})"
+        mean = paired.mean_ci(values(best))[0]
+        line = f"- {budget:.0%}: **{best['policy']}** ({label} {mean:.4f}, n={len(values(best))})"
         # Against H2O; when H2O is the best, against the runner-up.
         other = h2o if best is not h2o else (ranked[1] if len(ranked) > 1 else None)
         if other is not None:
-            mean, ci = _mean_ci([a - b for a, b in zip(values(best), values(other))])
+            mean, ci = paired.mean_ci([a - b for a, b in zip(values(best), values(other))])
             verdict = "beyond noise" if abs(mean) > ci else "within noise"
             line += f"; vs {other['policy']} {mean:+.4f} ± {ci:.4f} per article ({verdict})"
         lines.append(line)
@@ -114,7 +106,7 @@ def h2o_against_full(points: list[dict]) -> list[str]:
     full = next((p for p in points if p["policy"] == "full"), None)
     lines = []
     for p in (p for p in points if p["policy"] == "h2o" and full is not None):
-        mean, ci = _mean_ci([a - b for a, b in zip(p["per_article"][main], full["per_article"][main])])
+        mean, ci = paired.mean_ci([a - b for a, b in zip(p["per_article"][main], full["per_article"][main])])
         verdict = "holds: within noise" if abs(mean) <= ci else "loses: beyond noise"
         lines.append(f"- {p['budget']:.0%}: {mean:+.4f} ± {ci:.4f} per article ({verdict})")
     return lines
@@ -267,7 +259,7 @@ def grid(point: dict, main: str) -> tuple[list[int], list[int], list[list[float]
     values = {}
     for cell, value in zip(cells, point["per_article"][main]):
         values.setdefault(cell, []).append(value)
-    return lengths, depths, [[_mean_ci(values[(n, d)])[0] if (n, d) in values else float("nan") for n in lengths]
+    return lengths, depths, [[paired.mean_ci(values[(n, d)])[0] if (n, d) in values else float("nan") for n in lengths]
                              for d in depths]
 
 

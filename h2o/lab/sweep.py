@@ -106,7 +106,7 @@ def _scores(run: Path, task: Task) -> dict:
         "scores": list(task.scores), "main": task.main, **{k: means[k] for k in task.scores if k in means},
         "per_article": {k: [v[i] for i in order] for k, v in per_article.items()},
     }
-    if task.name == "needle":
+    if task.grid:
         record["cells"] = [[e["length"], e["depth"]] for e in task.load()[: len(order)]]
     return record
 

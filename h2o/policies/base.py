@@ -1,9 +1,11 @@
 """The shared shape of every eviction policy: a per-slot score, a recent window and a top-k.
 
-A policy decides *which* cached tokens stay; it never touches keys or values. It sees per-slot
+A policy decides *which* cached tokens stay; it never changes keys or values. It sees per-slot
 tensors shaped (batch, kv_heads, slots) and per-sequence budgets shaped (batch,), so the same
 code serves mask mode (slots in position order, evicted ones still present) and drop mode
-(only retained slots present, in any order).
+(only retained slots present, in any order). A policy that scores from the keys, the values or
+the queries' statistics says so (`reads_keys`, `reads_values`, `query_stats`), and the attention
+hands it them.
 """
 
 from __future__ import annotations
@@ -62,6 +64,14 @@ class Observation:
     # A prompt pass only, for a policy with `window_rows`: the mass from the last window_rows
     # query rows of each sequence alone.
     window: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # (B, H, S) each slot's token position, -1 for an empty slot
+    keys: torch.Tensor | None = None  # (B, H, S, D) float32 keys as cached (after RoPE), for `reads_keys`
+    values: torch.Tensor | None = None  # (B, H, S, D) float32 values, for `reads_values`
+    # A prompt pass only, for a policy with `query_stats`: the mean (B, Hq, D) and covariance
+    # (B, Hq, D, D) of each sequence's queries before RoPE, then rotated by RoPE averaged over
+    # the coming positions (no rotation for a model without RoPE).
+    query_mean: torch.Tensor | None = None
+    query_cov: torch.Tensor | None = None
 
 
 def check_ratios(heavy_ratio: float, recent_ratio: float) -> None:
@@ -88,6 +98,12 @@ class Policy(ABC):
     reads_key_norms: ClassVar[bool] = False
     # Query rows at a prompt's end whose attention `accumulate` reads apart (`Observation.window`).
     window_rows: ClassVar[int] = 0
+    # Whether `accumulate` reads the keys or the values themselves (`Observation.keys`, `.values`).
+    reads_keys: ClassVar[bool] = False
+    reads_values: ClassVar[bool] = False
+    # (first tokens left out, coming positions averaged over) for `Observation.query_mean` and
+    # `.query_cov`, or None when the policy reads no query statistics.
+    query_stats: ClassVar[tuple[int, int] | None] = None
     # The one constructor option a sweep may tune (also run_helm.py's flag of that name), or "".
     knob: ClassVar[str] = ""
 
@@ -117,6 +133,11 @@ class Policy(ABC):
     def accumulate(self, scores: torch.Tensor, observed: Observation) -> torch.Tensor:
         """Running score after one forward pass (H2O: attention summed since the prefill)."""
         return scores + observed.received
+
+    def row_weights(self, ages: torch.Tensor) -> torch.Tensor | None:
+        """What each query row's attention counts for in `Observation.received`, from its age (B, q):
+        how many rows of its sequence come after it in this pass. None: every row counts once."""
+        return None
 
     def rank(self, scores: torch.Tensor, views: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """What the heavy top-k sorts on (higher is kept); `views` counts the (query row, head)

@@ -22,6 +22,8 @@ from h2o.serve import distributed
 log = logging.getLogger("run_helm")
 CHAT_TEMPLATE = ("auto", "on", "off")
 ENGINES = ("auto", "reference", "fast")
+# The policies' knobs (`Policy.knob`), each a flag and a field of its name.
+KNOBS = ("shrink", "forgetting_factor", "epsilon")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +57,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shrink", type=float, default=None,
                    help="--policy h2o-shrink: a token's attention per later query, shrunk by this share "
                         "of the tokens seen (default 0.25)")
+    p.add_argument("--forgetting_factor", type=float, default=None,
+                   help="--policy a2sf: each later query multiplies a token's accumulated attention by this, "
+                        "in (0, 1] (default 0.1; 1 is h2o)")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="--policy expected-attention: added to the expected attention before it is weighted "
+                        "by the value's norm, >= 0 (default 0.01)")
     p.add_argument("--engine", choices=ENGINES, default=ServeOptions.engine,
                    help="fast: static slots, continuous batching, CUDA graphs; reference: the readable "
                         "oracle (mask mode, --attention); auto: fast wherever it can serve")
@@ -111,6 +119,8 @@ class ServeOptions:
     policy: str = "h2o"  # a name in h2o.policies.POLICIES
     sink_size: int = 4
     shrink: float | None = None  # None: h2o-shrink's default
+    forgetting_factor: float | None = None  # None: a2sf's default
+    epsilon: float | None = None  # None: expected-attention's default
     engine: str = "auto"  # one of ENGINES
     attention: str = "eager"
     batch_size: int | None = None  # None: auto
@@ -146,8 +156,10 @@ class ServeOptions:
             if not 2 <= self.tensor_parallel <= world or world % self.tensor_parallel:
                 raise ValueError(f"--tensor_parallel {self.tensor_parallel}: K must be 2 to {world} and divide the "
                                  f"{world} ranks")
-        if self.shrink is not None and getattr(POLICIES.get(self.policy), "knob", "") != "shrink":
-            raise ValueError(f"--shrink: only for --policy h2o-shrink, not {self.policy}")
+        for knob in KNOBS:
+            if getattr(self, knob) is not None and getattr(POLICIES.get(self.policy), "knob", "") != knob:
+                owner = next(name for name, cls in POLICIES.items() if cls.knob == knob)
+                raise ValueError(f"--{knob}: only for --policy {owner}, not {self.policy}")
         if Path(self.output_path).is_dir():
             raise ValueError(f"--output_path {self.output_path} is a directory; give a file in it, "
                              f"e.g. {Path(self.output_path) / 'results.jsonl'}")
@@ -162,7 +174,7 @@ class ServeOptions:
         # Checked with or without a small cache: a ratio out of range is a typo either way.
         check_ratios(self.heavy_ratio, self.recent_ratio)
         if not self.enable_small_cache:
-            unused = [f"--{name}" for name in ("heavy_ratio", "recent_ratio", "shrink")
+            unused = [f"--{name}" for name in ("heavy_ratio", "recent_ratio", *KNOBS)
                       if getattr(self, name) != defaults[name]]
             if unused:
                 log.warning("%s: no effect without --enable_small_cache (this run keeps the full cache)",
@@ -180,6 +192,5 @@ class ServeOptions:
         # An unknown name gets make_policy's error, which lists the known ones.
         sinks = issubclass(POLICIES.get(self.policy, Policy), WithSinks)
         options: dict[str, object] = {"sink_size": self.sink_size} if sinks else {}
-        if self.shrink is not None:
-            options["shrink"] = self.shrink
+        options.update({knob: getattr(self, knob) for knob in KNOBS if getattr(self, knob) is not None})
         return make_policy(self.policy, self.heavy_ratio, self.recent_ratio, **options)

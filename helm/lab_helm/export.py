@@ -1,6 +1,6 @@
 """Export stage: regenerate data/<task>.jsonl, the requests HELM makes, with `helm-run --dry-run`.
 
-    python -m lab_helm.export [--task xsum|cnn_dm|multi_news|needle] [--n N] [--output FILE | --check]
+    python -m lab_helm.export [--task xsum|cnn_dm|multi_news|needle|needle_essay] [--n N] [--output FILE | --check]
 
 Builds the scenario pickle from the task's examples in a scratch output folder, runs helm-run
 --dry-run with the same run entry, deployment, tokenizer, max length and instance selection as

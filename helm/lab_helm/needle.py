@@ -9,13 +9,23 @@ answer holds the 7-digit value (RULER's string match).
 
 The examples (key, value, depth, length) need no tokenizer; the prompts are sized with the lab's
 HELM tokenizer, in the HELM scenario.
+
+`needle_essay` is RULER's essay variant (niah_single_2): the same needles (key, value, depth and
+length, example for example), hidden in natural prose instead of the repeated noise. RULER's
+haystack is Paul Graham's essays; here it is the lab's own XSUM articles (data/xsum/), in file
+order, cut into sentences and read from the first, so that nothing is downloaded. The needle goes
+between two sentences at the example's depth, as RULER inserts it.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from functools import cache
 
 from lab_helm.lengths import prompt_budget
+from lab_helm.paths import DATA
 
 LENGTHS = (1024, 2048, 4096, 8192)
 DEPTHS = (0, 25, 50, 75, 100)  # percent of the haystack before the needle
@@ -35,6 +45,11 @@ ADJECTIVES = ("ancient", "brave", "calm", "damp", "eager", "faint", "gentle", "h
 NOUNS = ("anchor", "badger", "canyon", "dragon", "engine", "falcon", "garden", "harbor", "island", "jacket",
          "kettle", "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "river", "saddle", "tunnel",
          "umbrella", "violin", "walrus", "yacht")
+
+
+# A sentence ends at ., ! or ? (a closing quote may follow) before white space.
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'])\s+")
+ESSAY_SOURCE = DATA / "xsum" / "xsum_test_500.jsonl"
 
 
 def examples(seed: int = SEED) -> list[dict]:
@@ -78,3 +93,45 @@ def prompt(example: dict, tokenizer) -> str:
     if count(sentences) > budget:
         raise ValueError(f"needle {example['id']}: even an empty haystack exceeds {budget} tokens")
     return text(example, sentences)
+
+
+def essay_examples(seed: int = SEED) -> list[dict]:
+    """`examples` hidden in prose: the same needles, ids `needle_essay-...`."""
+    return [{**e, "id": e["id"].replace("needle-", "needle_essay-", 1)} for e in examples(seed)]
+
+
+@cache
+def essay_sentences() -> tuple[str, ...]:
+    """The XSUM articles' sentences, article after article, each article's white space collapsed."""
+    sentences = []
+    with open(ESSAY_SOURCE, encoding="utf-8") as f:
+        for line in f:
+            document = " ".join(json.loads(line)["document"].split())
+            sentences.extend(part for part in SENTENCE_END.split(document) if part)
+    return tuple(sentences)
+
+
+def essay_text(example: dict, sentences: int) -> str:
+    """The prompt with the first `sentences` prose sentences, the needle among them at the depth."""
+    haystack = list(essay_sentences()[:sentences])
+    haystack.insert(round(sentences * example["depth"] / 100), NEEDLE.format(**example))
+    return TEMPLATE.format(context=" ".join(haystack), key=example["key"])
+
+
+def essay_prompt(example: dict, tokenizer) -> str:
+    """The longest prose prompt whose request fits the example's length: prose tokenizes unevenly,
+    so the count of sentences is searched (more sentences never take fewer tokens)."""
+    budget = prompt_budget(example["length"], MAX_TOKENS)
+
+    def fits(sentences: int) -> bool:
+        return len(tokenizer.encode(essay_text(example, sentences), add_special_tokens=False)) <= budget
+
+    if not fits(0):
+        raise ValueError(f"needle {example['id']}: even an empty haystack exceeds {budget} tokens")
+    low, high = 0, len(essay_sentences())  # fits(low); high may
+    if fits(high):
+        raise ValueError(f"needle {example['id']}: the {high} sentences of {ESSAY_SOURCE.name} are too few")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return essay_text(example, low)

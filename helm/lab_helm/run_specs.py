@@ -3,9 +3,10 @@
 - `lab_multi_news`: LongBench's MultiNews, 512 new tokens, scored by ROUGE-1/2/L (LongBench's
   score is ROUGE-L F1);
 - `lab_needle`: the needle in a haystack, 64 new tokens, scored by HELM's RULER string match
-  (1 when the answer holds the hidden number, else 0).
+  (1 when the answer holds the hidden number, else 0);
+- `lab_needle_essay`: the same needles in prose (RULER's essay variant), scored the same way.
 
-Both generate greedily with no stop sequence, as LongBench and RULER do: a chat model's answer
+All generate greedily with no stop sequence, as LongBench and RULER do: a chat model's answer
 ends at its end-of-turn token.
 """
 
@@ -49,4 +50,16 @@ def get_needle_spec() -> RunSpec:
         metric_specs=get_basic_metric_specs([])
         + [MetricSpec(class_name="helm.benchmark.metrics.ruler_qa_metrics.RulerQAMetric", args={})],
         groups=["lab_needle"],
+    )
+
+
+@run_spec_function("lab_needle_essay")
+def get_needle_essay_spec() -> RunSpec:
+    return RunSpec(
+        name="lab_needle_essay",
+        scenario_spec=ScenarioSpec(class_name="lab_helm.scenarios.NeedleEssayScenario", args={}),
+        adapter_spec=_adapter(needle.MAX_TOKENS),
+        metric_specs=get_basic_metric_specs([])
+        + [MetricSpec(class_name="helm.benchmark.metrics.ruler_qa_metrics.RulerQAMetric", args={})],
+        groups=["lab_needle_essay"],
     )

@@ -70,3 +70,23 @@ class NeedleScenario(Scenario):
             main_metric="ruler_string_match_part", main_split=TEST_SPLIT,
             taxonomy=TaxonomyInfo(task="retrieval", what="synthetic", who="generated", when="now", language="English"),
         )
+
+
+class NeedleEssayScenario(Scenario):
+    name = "lab_needle_essay"
+    description = ("RULER's essay needle (Hsieh et al., 2024, niah_single_2): the needle task's 7-digit numbers "
+                   "hidden in natural prose, the lab's XSUM articles, of 1k to 8k tokens")
+    tags = ["retrieval", "long_context"]
+
+    def get_instances(self, output_path: str) -> List[Instance]:
+        examples = staged_examples("needle_essay", output_path)
+        with tokenizer.shared() as tok:
+            return [_instance(needle.essay_prompt(e, tok), e["value"]) for e in examples]
+
+    def get_metadata(self) -> ScenarioMetadata:
+        return ScenarioMetadata(
+            name=self.name, display_name="Needle in an essay", description=self.description,
+            main_metric="ruler_string_match_part", main_split=TEST_SPLIT,
+            taxonomy=TaxonomyInfo(task="retrieval", what="news prose with a synthetic needle", who="BBC, generated",
+                                  when="2010-2017, now", language="English"),
+        )

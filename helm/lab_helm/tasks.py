@@ -30,6 +30,7 @@ class Task:
     scores: tuple[str, ...]  # the ones lab_table.sh and the sweep show, per article too
     main: str  # the score the sweep's report ranks by
     summarization_eval_cache: bool = False  # HELM's SummarizationMetric looks for human ratings
+    grid: bool = False  # each example has a (length, depth) cell: the needle's
 
     def entry(self, model_arch: str) -> str:
         args = [a for a in (self.entry_args, f"model={deployment(model_arch)}") if a]
@@ -105,6 +106,20 @@ TASKS = {
         metrics=("ruler_string_match_part",),
         scores=("ruler_string_match_part",),
         main="ruler_string_match_part",
+        grid=True,
+    ),
+    "needle_essay": Task(
+        name="needle_essay",
+        run_entry="lab_needle_essay",
+        entry_args="",
+        scenario_name="lab_needle_essay",
+        pickle_name="needle_essay.pk",
+        load=needle.essay_examples,
+        requests=DATA / "needle_essay.jsonl",
+        metrics=("ruler_string_match_part",),
+        scores=("ruler_string_match_part",),
+        main="ruler_string_match_part",
+        grid=True,
     ),
 }
 

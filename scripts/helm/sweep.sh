@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Budget sweep: bash scripts/helm/sweep.sh [task] [model] [model_arch] [h2o.lab.sweep flags...]
-# task: xsum (default), cnn_dm, multi_news or needle.
+# task: xsum (default), cnn_dm, multi_news, needle or needle_essay.
 # Full cache, then h2o, local and every other registered policy at 4, 10, 20 and 40% of the prompt,
 # each scored by HELM and against the full cache; report in reports/<task>-<model>/.
 # Resumable: finished points are never recomputed. Flags: --n (articles, 200), --fidelity_n (50),

@@ -21,6 +21,7 @@ one set of tokens and the cache shrinks by the same ratio as for a multi-head mo
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,52 @@ def _seen(slot_positions: torch.Tensor, active: torch.Tensor, query_positions: t
     return (later.view_as(slot_positions) * active * groups).float()
 
 
+def _rope_frequencies(module) -> torch.Tensor | None:
+    """The inverse frequencies of the layer's RoPE (its family's own rotary class, built from the
+    config), or None for a family without one (OPT)."""
+    family = sys.modules[type(module).__module__]
+    rotary = getattr(family, type(module).__name__.removesuffix("Attention") + "RotaryEmbedding", None)
+    return None if rotary is None else rotary(config=module.config).inv_freq
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _query_statistics(module, query: torch.Tensor, positions: torch.Tensor, row_valid: torch.Tensor,
+                      sinks: int, future: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (B, Hq, D) and covariance (B, Hq, D, D) of each sequence's real query rows past its
+    first `sinks` tokens, before RoPE, both rotated by RoPE's rotation averaged over the `future`
+    positions after the prompt (Expected Attention's query statistics)."""
+    q = query.float()
+    inv_freq = _rope_frequencies(module)
+    b, d = q.shape[0], q.shape[-1]
+    rotation = torch.eye(d, device=q.device).expand(b, d, d).clone()
+    if inv_freq is not None:
+        inv_freq = inv_freq.to(q.device, torch.float32)
+        rot = 2 * inv_freq.numel()  # GPT-NeoX rotates only the first dimensions
+        angles = positions.float()[..., None] * inv_freq  # (B, q, rot / 2)
+        cos, sin = torch.cat((angles, angles), -1).cos()[:, None], torch.cat((angles, angles), -1).sin()[:, None]
+        # RoPE is a rotation: rotating back by the row's own angle gives the query before RoPE.
+        q = torch.cat((q[..., :rot] * cos - _rotate_half(q[..., :rot]) * sin, q[..., rot:]), -1)
+        start = positions.masked_fill(~row_valid, -1).max(-1).values + 1  # (B,): the first coming position
+        coming = (start[:, None] + torch.arange(future, device=q.device)).float()[..., None] * inv_freq
+        mean_cos, mean_sin = coming.cos().mean(1).repeat(1, 2), coming.sin().mean(1).repeat(1, 2)  # (B, rot)
+        h = rot // 2
+        turn = torch.zeros(rot, rot, device=q.device)  # turn @ x == rotate_half(x)
+        turn[:h, h:], turn[h:, :h] = -torch.eye(h, device=q.device), torch.eye(h, device=q.device)
+        rotation[:, :rot, :rot] = torch.diag_embed(mean_cos) + torch.diag_embed(mean_sin) @ turn
+    counted = (row_valid & (positions >= sinks)).float()[:, None, :, None]  # (B, 1, q, 1)
+    n = counted.sum(2).clamp(min=1)
+    mean = (q * counted).sum(2) / n
+    centered = (q - mean[:, :, None]) * counted
+    cov = centered.transpose(2, 3) @ centered / n[..., None]
+    mean = torch.einsum("bij,bhj->bhi", rotation, mean)
+    cov = rotation[:, None] @ cov @ rotation[:, None].transpose(2, 3)
+    return mean, cov
+
+
 def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: bool):
     """Attention over one `EvictingCache` layer's slots; hands the layer what each slot received."""
     layer = cache.layers[module.layer_idx]
@@ -102,8 +149,7 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
     # A policy that scores the prompt by its last queries alone (SnapKV) gets their votes apart.
     window = cache.policy.window_rows if q_len > 1 else 0
     votes = 2 if window else 1
-    if window:
-        last = positions.masked_fill(~row_valid, -1).max(-1, keepdim=True).values
+    last = positions.masked_fill(~row_valid, -1).max(-1, keepdim=True).values
     received = torch.zeros(b, hkv, votes, s, dtype=torch.float32, device=query.device)
     outputs = []
     for start in range(0, q_len, rows):
@@ -124,17 +170,27 @@ def attend(module, query, key, value, scaling, cache: EvictingCache, use_sdpa: b
             out = out.view(b, hq, stop - start, d)
         outputs.append(out)
         # Padded query rows attend to garbage and must not vote: a weighted sum over the rows.
-        voters = [row_valid[:, start:stop]]
+        voters = [row_valid[:, start:stop].float()]
         if window:
-            voters.append(voters[0] & (positions[:, start:stop] > last - window))
-        weights = torch.stack(voters, 1).float().repeat(1, 1, groups)[:, None].expand(b, hkv, votes, -1)
+            voters.append(voters[0] * (positions[:, start:stop] > last - window))
+        row_weights = cache.policy.row_weights(last - positions[:, start:stop])
+        if row_weights is not None:
+            voters[0] = voters[0] * row_weights
+        weights = torch.stack(voters, 1).repeat(1, 1, groups)[:, None].expand(b, hkv, votes, -1)
         received += torch.matmul(weights, probs.view(b, hkv, groups * (stop - start), s))
     # Left padding puts every sequence's newest token in the last row.
     newest = probs[:, :, :, -1].sum(dim=2)
     seen = _seen(slot_positions, active, positions, row_valid, groups)
-    key_norms = key.float().norm(dim=-1) if cache.policy.reads_key_norms else None
+    policy = cache.policy
+    key_norms = key.float().norm(dim=-1) if policy.reads_key_norms else None
+    stats = (None, None)
+    if policy.query_stats is not None and q_len > 1:
+        stats = _query_statistics(module, query, positions, row_valid, *policy.query_stats)
     layer.observe(Observation(received=received[:, :, 0], newest=newest, seen=seen, key_norms=key_norms,
-                              window=received[:, :, 1] if window else None))
+                              window=received[:, :, 1] if window else None, positions=slot_positions,
+                              keys=key.float() if policy.reads_keys else None,
+                              values=value.float() if policy.reads_values else None,
+                              query_mean=stats[0], query_cov=stats[1]))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
