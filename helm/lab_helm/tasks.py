@@ -56,6 +56,7 @@ def _multi_news() -> list[dict]:
 
 
 ROUGE = ("rouge_1", "rouge_2", "rouge_l")
+SUMMARY_METRICS = ROUGE + ("summarization_coverage", "summarization_density", "summarization_compression")
 TASKS = {
     "xsum": Task(
         name="xsum",
@@ -65,7 +66,7 @@ TASKS = {
         pickle_name="xsum.pk",
         load=_xsum,
         requests=DATA / "xsum.jsonl",
-        metrics=ROUGE + ("summarization_coverage", "summarization_density", "summarization_compression"),
+        metrics=SUMMARY_METRICS,
         scores=ROUGE,
         main="rouge_2",
         summarization_eval_cache=True,
@@ -78,7 +79,7 @@ TASKS = {
         pickle_name="cnndm.pk",
         load=_cnn_dm,
         requests=DATA / "cnn_dm.jsonl",
-        metrics=ROUGE + ("summarization_coverage", "summarization_density", "summarization_compression"),
+        metrics=SUMMARY_METRICS,
         scores=ROUGE,
         main="rouge_2",
         summarization_eval_cache=True,
