@@ -58,35 +58,29 @@ class NeedleScenario(Scenario):
     description = ("RULER-style needle in a haystack (Hsieh et al., 2024): a key's 7-digit number hidden at a "
                    "depth of a noise haystack of 1k to 8k tokens")
     tags = ["retrieval", "long_context"]
+    display_name = "Needle in a haystack"
+    taxonomy = TaxonomyInfo(task="retrieval", what="synthetic", who="generated", when="now", language="English")
+    task = "needle"
+    prompt = staticmethod(needle.prompt)
 
     def get_instances(self, output_path: str) -> List[Instance]:
-        examples = staged_examples("needle", output_path)
+        examples = staged_examples(self.task, output_path)
         with tokenizer.shared() as tok:
-            return [_instance(needle.prompt(e, tok), e["value"]) for e in examples]
+            return [_instance(self.prompt(e, tok), e["value"]) for e in examples]
 
     def get_metadata(self) -> ScenarioMetadata:
         return ScenarioMetadata(
-            name=self.name, display_name="Needle in a haystack", description=self.description,
-            main_metric="ruler_string_match_part", main_split=TEST_SPLIT,
-            taxonomy=TaxonomyInfo(task="retrieval", what="synthetic", who="generated", when="now", language="English"),
+            name=self.name, display_name=self.display_name, description=self.description,
+            main_metric="ruler_string_match_part", main_split=TEST_SPLIT, taxonomy=self.taxonomy,
         )
 
 
-class NeedleEssayScenario(Scenario):
+class NeedleEssayScenario(NeedleScenario):
     name = "lab_needle_essay"
     description = ("RULER's essay needle (Hsieh et al., 2024, niah_single_2): the needle task's 7-digit numbers "
                    "hidden in natural prose, the lab's XSUM articles, of 1k to 8k tokens")
-    tags = ["retrieval", "long_context"]
-
-    def get_instances(self, output_path: str) -> List[Instance]:
-        examples = staged_examples("needle_essay", output_path)
-        with tokenizer.shared() as tok:
-            return [_instance(needle.essay_prompt(e, tok), e["value"]) for e in examples]
-
-    def get_metadata(self) -> ScenarioMetadata:
-        return ScenarioMetadata(
-            name=self.name, display_name="Needle in an essay", description=self.description,
-            main_metric="ruler_string_match_part", main_split=TEST_SPLIT,
-            taxonomy=TaxonomyInfo(task="retrieval", what="news prose with a synthetic needle", who="BBC, generated",
-                                  when="2010-2017, now", language="English"),
-        )
+    display_name = "Needle in an essay"
+    taxonomy = TaxonomyInfo(task="retrieval", what="news prose with a synthetic needle", who="BBC, generated",
+                            when="2010-2017, now", language="English")
+    task = "needle_essay"
+    prompt = staticmethod(needle.essay_prompt)
