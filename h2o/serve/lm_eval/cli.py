@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from h2o.serve.lm_eval.tasks import BadInput, check_names, stage
@@ -24,6 +25,17 @@ def offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def refusing_bad_input(prog: str, run: Callable[[], None]) -> int:
+    """`run()` with the hub switched off: 0, or 2 for bad input, said in one line naming `prog`."""
+    offline()
+    try:
+        run()
+    except BadInput as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def task_names(argv: list[str]) -> list[str]:
@@ -67,10 +79,4 @@ def main(argv: list[str] | None = None) -> int:
               "h2o-lab's model_args: pretrained, model_arch, policy (none: full cache), heavy_ratio, recent_ratio, "
               "kv_mode (mask|drop), attention, loglikelihood (sum|mean), sink_size, dtype, device, add_bos_token")
         return 0
-    offline()
-    try:
-        run_lm_eval(argv)
-    except BadInput as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return refusing_bad_input(PROG, lambda: run_lm_eval(argv))

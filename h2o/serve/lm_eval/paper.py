@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from h2o.serve.lm_eval.cli import offline
+from h2o.serve.lm_eval.cli import refusing_bad_input
 from h2o.serve.lm_eval.paper_io import key, read_requests, read_results, request_line, write_lines
 from h2o.serve.lm_eval.tasks import BadInput, check_names, stage
 
@@ -126,13 +125,7 @@ def _command(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse
              argv: list[str] | None) -> int:
     """Run one step; bad input is one line and exit status 2."""
     args = parser.parse_args(argv)
-    offline()
-    try:
-        run(args)
-    except BadInput as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return refusing_bad_input(prog, lambda: run(args))
 
 
 def _limit(parser: argparse.ArgumentParser) -> None:
