@@ -243,12 +243,11 @@ class FastEngine:
         else:
             rows = self.cache.batch // 2
             del self.cache, self.graph  # the old rows' memory goes before the new rows take theirs
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self._start(rows, self.requests, self.num_blocks)
-            self.row_cap = min(self.row_cap, rows)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if not prefill:
+            self._start(rows, self.requests, self.num_blocks)
+            self.row_cap = min(self.row_cap, rows)
         log.warning("out of memory in %s: %d requests wait again; %d rows, at most %d taking requests, prefill "
                     "slices of %d tokens from now on (the last two grow back after %d clean steps)",
                     "a prefill" if prefill else "a decode step",
