@@ -109,6 +109,15 @@ def stat_mean(output_path: Path, suite: str, name: str) -> float:
     raise KeyError(name)
 
 
+def assert_rouge_is_rouge_scores(output_path: Path, suite: str, predictions: list[str], references: list[str]) -> None:
+    """HELM's ROUGE-1/2/L in `suite`'s stats equal rouge-score's on the same texts."""
+    import pytest
+
+    for metric, rouge_type in (("rouge_1", "rouge1"), ("rouge_2", "rouge2"), ("rouge_l", "rougeL")):
+        expected = expected_rouge(predictions, references, rouge_type)
+        assert stat_mean(output_path, suite, metric) == pytest.approx(expected, abs=1e-12), metric
+
+
 def expected_rouge(predictions: list[str], references: list[str], rouge_type: str) -> float:
     """ROUGE as HELM's SummarizationMetric computes it, straight from rouge-score: F-measure with
     Porter stemming, prediction stripped, reference whitespace-normalised as the scenario does,
